@@ -1,0 +1,8 @@
+"""Callbacks that drive a run on the env-step clock."""
+
+from mpdp_lightning.callbacks.checkpointing import EnvStepCheckpoint
+from mpdp_lightning.callbacks.env_interaction import EnvInteraction
+from mpdp_lightning.callbacks.evaluation import Evaluation
+from mpdp_lightning.callbacks.progress import EnvStepProgressBar
+
+__all__ = ["EnvInteraction", "Evaluation", "EnvStepCheckpoint", "EnvStepProgressBar"]

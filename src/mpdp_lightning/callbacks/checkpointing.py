@@ -1,0 +1,159 @@
+"""EnvStepCheckpoint: a resumable checkpoint on the env-step clock, written atomically.
+
+The checkpoint holds everything a run needs to go on as if it had not stopped: nets and
+optimizers (Lightning), the env-step and update counters (the module), the replay buffer (the
+datamodule), the callbacks' state, the MLflow run id and the RNG states. It is written to a
+temporary file, flushed to disk and renamed over ``last.ckpt``, so a crash during the write
+leaves the previous checkpoint intact. Ctrl-C and SIGTERM stop at the next update boundary and
+save first; a NaN or inf loss stops without saving, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from jsonargparse.typing import PositiveInt
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+LAST = "last.ckpt"
+
+
+def rng_states() -> dict[str, Any]:
+    """torch, numpy and python RNG states in a form that loads with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def default_checkpoint_dir(trainer: pl.Trainer) -> Path:
+    """``<default_root_dir>/checkpoints/<MLflow run id, or logger version>``."""
+    logger = trainer.logger
+    run = getattr(logger, "run_id", None) or (str(logger.version) if logger is not None else "run")
+    return Path(trainer.default_root_dir) / "checkpoints" / run
+
+
+class EnvStepCheckpoint(Checkpoint):
+    """Save ``last.ckpt`` at multiples of ``checkpoint_every`` env steps, at the end, and on
+    Ctrl-C/SIGTERM.
+
+    Args:
+        checkpoint_every: env steps between checkpoints.
+        dirpath: folder of ``last.ckpt``; None means ``<default_root_dir>/checkpoints/<run id>``.
+    """
+
+    def __init__(self, checkpoint_every: PositiveInt = 10_000, dirpath: Optional[str] = None) -> None:
+        if checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}")
+        self.checkpoint_every = checkpoint_every
+        self.dirpath: Optional[Path] = Path(dirpath) if dirpath else None
+        self.last_saved_step = 0
+        self._stop_requested = False
+        self._previous_sigint = None
+
+    @property
+    def path(self) -> Optional[Path]:
+        return None if self.dirpath is None else self.dirpath / LAST
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = default_checkpoint_dir(trainer)
+
+    # ---- when to save ------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_requested = False
+        self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        rank_zero_info(f"checkpoints: {self.path}")
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._stop_requested:  # a second Ctrl-C aborts at once, without saving
+            signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        rank_zero_info("\nCtrl-C: saving a checkpoint after this update (Ctrl-C again to abort without saving)")
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._stop_requested:
+            self.save(trainer, pl_module)
+            self._restore_sigint()
+            raise KeyboardInterrupt  # Lightning marks the run interrupted and exits
+        if pl_module.env_steps // self.checkpoint_every > self.last_saved_step // self.checkpoint_every:
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning raises SIGTERMException at an update boundary, so the state is consistent.
+        # Any other exception may have struck mid-update (or is a NaN): keep the last good file.
+        if isinstance(exception, SIGTERMException):
+            self.save(trainer, pl_module)
+        self._restore_sigint()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    # ---- how to save ---------------------------------------------------------------------------
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
+        pl_module.raise_if_not_finite()
+        for name, p in pl_module.named_parameters():
+            if not torch.isfinite(p).all():
+                raise FloatingPointError(f"parameter {name} is not finite; not overwriting the last checkpoint")
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        tmp = self.dirpath / f".{LAST}.tmp"
+        trainer.save_checkpoint(tmp, weights_only=False)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)  # atomic on POSIX: readers see the old file or the new one
+        dir_fd = os.open(self.dirpath, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self.last_saved_step = pl_module.env_steps
+        return self.path
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng_states()
+        checkpoint["mlflow_run_id"] = getattr(trainer.logger, "run_id", None)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_saved_step": self.last_saved_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_saved_step = int(state_dict["last_saved_step"])

@@ -1,0 +1,100 @@
+"""Evaluation: deterministic pi_0 episodes on separately seeded environments."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from lightning.pytorch.callbacks import Callback
+
+from mpdp_lightning.callbacks.env_interaction import global_seed
+from mpdp_lightning.metrics import log_metrics
+from mpdp_lightning.tasks import make_env
+
+# Evaluation seeds are offset from training seeds so the two environments never share episodes.
+EVAL_SEED_OFFSET = 1_000_003
+
+
+class Evaluation(Callback):
+    """At every multiple of ``eval_every`` env steps (and at the end of training) run ``eval_episodes`` episodes
+    with pi_0's mode and log ``eval/return`` (mean), ``eval/return_std`` and ``eval/length``.
+
+    Args:
+        eval_every: env steps between evaluations.
+        eval_episodes: episodes per evaluation.
+        seed: seed of the evaluation environment; None derives it from the run's seed.
+    """
+
+    def __init__(
+        self, eval_every: PositiveInt = 5_000, eval_episodes: PositiveInt = 5, seed: Optional[NonNegativeInt] = None
+    ) -> None:
+        if eval_every <= 0 or eval_episodes <= 0:
+            raise ValueError(f"eval_every and eval_episodes must be positive, got {eval_every} and {eval_episodes}")
+        self.eval_every, self.eval_episodes, self.seed = eval_every, eval_episodes, seed
+        self.envs: list = []
+        self.last_eval_step = 0
+        self.latest_return: Optional[float] = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.envs:
+            self.envs = [make_env(pl_module.task) for _ in range(self.eval_episodes)]
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for env in self.envs:
+            env.close()
+        self.envs = []
+
+    def _due(self, env_steps: int) -> bool:
+        # on multiples of eval_every, so that runs with different warm-ups line up
+        return env_steps // self.eval_every > self.last_eval_step // self.eval_every
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._due(pl_module.env_steps):  # the warm-up ended on a multiple: the untrained policy
+            self.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._due(pl_module.env_steps):
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.env_steps != self.last_eval_step:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Run the episodes in lockstep, one batched policy call per step for all that are running."""
+        base_seed = (self.seed if self.seed is not None else global_seed() + EVAL_SEED_OFFSET) + pl_module.env_steps
+        obs = [env.reset(seed=base_seed + i)[0] for i, env in enumerate(self.envs)]
+        returns, lengths = np.zeros(len(self.envs)), np.zeros(len(self.envs), dtype=int)
+        running = list(range(len(self.envs)))
+        while running:
+            batch = torch.as_tensor(np.stack([obs[i] for i in running]), dtype=torch.float32, device=pl_module.device)
+            actions = pl_module.act(batch, deterministic=True).cpu().numpy()
+            still_running = []
+            for i, action in zip(running, actions):
+                obs[i], reward, terminated, truncated, _ = self.envs[i].step(action)
+                returns[i] += float(reward)
+                lengths[i] += 1
+                if not (terminated or truncated):
+                    still_running.append(i)
+            running = still_running
+        metrics = {
+            "eval/return": float(returns.mean()),
+            "eval/return_std": float(returns.std()),
+            "eval/length": float(lengths.mean()),
+        }
+        self.last_eval_step = pl_module.env_steps
+        self.latest_return = metrics["eval/return"]
+        log_metrics(trainer, metrics, step=pl_module.env_steps)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_eval_step": self.last_eval_step, "latest_return": self.latest_return}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_eval_step = int(state_dict["last_eval_step"])
+        self.latest_return = state_dict["latest_return"]

@@ -1,0 +1,41 @@
+"""Reading a checkpoint's header before any work: is it there, readable, and from this task?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mpdp_lightning.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    env_steps: int
+    updates: int
+    task: str
+    mlflow_run_id: Optional[str]
+    hyper_parameters: dict
+
+
+def read_checkpoint_header(path: str | Path, expected_task: Optional[str] = None) -> CheckpointHeader:
+    """Open ``path`` (memory-mapped: cheap even with a large replay buffer inside) and check it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:  # torch raises many kinds for a truncated or foreign file
+        raise CheckpointError(f"checkpoint {path} is not readable ({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
+    try:
+        counters, task = checkpoint["counters"], checkpoint["hyper_parameters"]["task"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{path} is not an mpdp-lightning checkpoint (no counters or task)") from None
+    if expected_task is not None and task != expected_task:
+        raise CheckpointError(f"checkpoint {path} is for task {task!r}, not {expected_task!r}")
+    return CheckpointHeader(
+        int(counters["env_steps"]), int(counters["updates"]), task, checkpoint.get("mlflow_run_id"),
+        dict(checkpoint["hyper_parameters"]),
+    )

@@ -1,0 +1,113 @@
+"""The replay buffer as a LightningDataModule.
+
+A TorchRL ``ReplayBuffer`` over a ``LazyTensorStorage`` (uniform sampling with replacement)
+holds real transitions (obs, action, reward, next_obs, terminated). The storage lives on the
+trainer's device, so a sampled batch is already where the update runs. The EnvInteraction
+callback writes into it with ``add``; the training loop reads an endless stream of sampled
+TensorDict batches through an IterableDataset. Its contents travel with the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import lightning.pytorch as pl
+import torch
+from jsonargparse.typing import PositiveInt
+from tensordict import TensorDict, TensorDictBase
+from torch.utils.data import DataLoader, IterableDataset
+from torchrl.data import LazyTensorStorage, ReplayBuffer
+
+TRANSITION_KEYS = ("obs", "action", "reward", "next_obs", "terminated")
+
+
+class ReplaySampleStream(IterableDataset):
+    """An endless stream of uniform batches from a replay buffer (one batch per item)."""
+
+    def __init__(self, buffer: ReplayBuffer, batch_size: int) -> None:
+        self.buffer, self.batch_size = buffer, batch_size
+
+    def __iter__(self) -> Iterator[TensorDictBase]:
+        while True:
+            if len(self.buffer) == 0:
+                raise RuntimeError("the replay buffer is empty: collect transitions before the first update")
+            yield self.buffer.sample(self.batch_size)
+
+
+def _as_is(batch: TensorDictBase) -> TensorDictBase:
+    return batch
+
+
+class ReplayDataModule(pl.LightningDataModule):
+    """Replay buffer of real transitions.
+
+    Args:
+        capacity: transitions kept; the oldest are overwritten first.
+        batch_size: transitions per sampled batch (one batch per update).
+    """
+
+    def __init__(self, capacity: PositiveInt = 1_000_000, batch_size: PositiveInt = 256) -> None:
+        super().__init__()
+        if capacity <= 0 or batch_size <= 0:
+            raise ValueError(f"capacity and batch_size must be positive, got {capacity} and {batch_size}")
+        self.save_hyperparameters(logger=False)
+        self.capacity, self.batch_size = capacity, batch_size
+        self.buffer: Optional[ReplayBuffer] = None
+        self._pending_state: Optional[dict[str, Any]] = None
+
+    @property
+    def device(self) -> torch.device:
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cpu")
+
+    def setup(self, stage: str) -> None:
+        if self.buffer is None:
+            self.buffer = ReplayBuffer(storage=LazyTensorStorage(self.capacity, device=self.device))
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+            self._pending_state = None
+
+    def __len__(self) -> int:
+        return 0 if self.buffer is None else len(self.buffer)
+
+    def add(self, transition: TensorDictBase) -> None:
+        """Append one transition (a TensorDict with TRANSITION_KEYS and empty batch size)."""
+        if self.buffer is None:
+            self.setup("fit")
+        self.buffer.add(transition)
+
+    def contents(self) -> TensorDictBase:
+        """Every stored transition, in storage order (a copy)."""
+        return self.buffer.storage.get(torch.arange(len(self.buffer))).clone()
+
+    def train_dataloader(self) -> DataLoader:
+        # batch_size=None: each item already is a batch; the identity collate keeps the TensorDict.
+        return DataLoader(ReplaySampleStream(self.buffer, self.batch_size), batch_size=None, collate_fn=_as_is)
+
+    # ---- checkpoint: only the filled part of the storage, plus the write cursor ---------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.buffer is None or len(self.buffer) == 0:
+            return {"size": 0}
+        data = self.contents().to("cpu")
+        return {
+            "size": len(self.buffer),
+            "data": {key: data[key] for key in data.keys()},
+            "writer": self.buffer.writer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.buffer is None:  # restored before setup: apply once the buffer exists
+            self._pending_state = state
+            return
+        self._restore(state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.buffer.empty()
+        if state["size"] == 0:
+            return
+        if state["size"] > self.capacity:
+            raise ValueError(f"the checkpoint holds {state['size']} transitions, more than capacity {self.capacity}")
+        data = TensorDict(state["data"], batch_size=[state["size"]]).to(self.device)
+        self.buffer.extend(data)
+        self.buffer.writer.load_state_dict(state["writer"])

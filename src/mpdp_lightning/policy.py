@@ -1,0 +1,111 @@
+"""Actor heads, twin critics and the temperature, all on the batched MLP block.
+
+The actor holds H squashed-Gaussian heads pi_0 .. pi_{H-1} in one BatchedMLP (SAC uses H = 1;
+MPDP trains all H jointly and acts with pi_0 alone). The critic is SAC v2's twin Q, also one
+BatchedMLP with two members.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from mpdp_lightning.nets import BatchedMLP
+
+_LOG_2 = math.log(2.0)
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class SquashedGaussianHeads(nn.Module):
+    """H tanh-squashed Gaussian policies over a box action space, evaluated as one batched MLP.
+
+    Actions come out in the environment's units: ``low + (tanh(u) + 1) / 2 * (high - low)``.
+    The log-std is squashed into [log_std_min, log_std_max] with a tanh, as in CleanRL's SAC,
+    which keeps it smooth where a hard clamp would cut the gradient.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        action_low: Sequence[float],
+        action_high: Sequence[float],
+        heads: int = 1,
+        hidden: int = 256,
+        layers: int = 2,
+        activation: str = "relu",
+        log_std_min: float = -5.0,
+        log_std_max: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.heads, self.act_dim = heads, act_dim
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+        self.net = BatchedMLP(heads, obs_dim, 2 * act_dim, hidden, layers, activation)
+        low = torch.as_tensor(action_low, dtype=torch.float32)
+        high = torch.as_tensor(action_high, dtype=torch.float32)
+        self.register_buffer("action_scale", (high - low) / 2.0)
+        self.register_buffer("action_bias", (high + low) / 2.0)
+
+    def _split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, raw_log_std = out.chunk(2, dim=-1)
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(raw_log_std) + 1.0)
+        return mean, log_std
+
+    def distribution_params(self, obs: torch.Tensor, head: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-std of head ``head``'s pre-squash Gaussian for obs [B, obs_dim]."""
+        return self._split(self.net.forward_member(obs, head))
+
+    def sample(self, obs: torch.Tensor, head: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action of head ``head`` and its log-probability (summed over dims)."""
+        mean, log_std = self.distribution_params(obs, head)
+        noise = torch.randn_like(mean)
+        pre_tanh = mean + noise * log_std.exp()
+        action = torch.tanh(pre_tanh) * self.action_scale + self.action_bias
+        # log N(u; mean, std) - log |d action / d u|, with log(1 - tanh(u)^2) written stably.
+        log_prob = -0.5 * noise.pow(2) - log_std - _HALF_LOG_2PI
+        log_abs_det = 2.0 * (_LOG_2 - pre_tanh - F.softplus(-2.0 * pre_tanh)) + self.action_scale.log()
+        return action, (log_prob - log_abs_det).sum(dim=-1)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """pi_0's action for acting in the environment: its mode if deterministic, else a sample
+        (without the log-probability, which acting does not need)."""
+        mean, log_std = self.distribution_params(obs, 0)
+        if not deterministic:
+            mean = mean + torch.randn_like(mean) * log_std.exp()
+        return torch.tanh(mean) * self.action_scale + self.action_bias
+
+
+class TwinQ(nn.Module):
+    """Two Q networks Q_j(s, a) in one batched MLP; ``forward`` returns [2, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, layers: int = 2, activation: str = "relu") -> None:
+        super().__init__()
+        self.net = BatchedMLP(2, obs_dim + act_dim, 1, hidden, layers, activation)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, action], dim=-1)).squeeze(-1)
+
+
+class Temperature(nn.Module):
+    """SAC's entropy temperature alpha, kept as log(alpha); learnable only when auto-tuned."""
+
+    def __init__(self, initial_alpha: float, learnable: bool) -> None:
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(initial_alpha)), requires_grad=learnable)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.log_alpha.detach().exp()
+
+
+def call_frozen(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    """``module(*args)`` with its parameters detached: gradients flow through the module to the
+    inputs, never into its weights (critics and the world model inside an actor update)."""
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return functional_call(module, params, args)

@@ -1,0 +1,158 @@
+"""SAC (v2: twin Q, Polyak targets, optional automatic temperature) as a LightningModule.
+
+This is the model-free baseline and MPDP's policy-evaluation half. The module owns the nets,
+their optimizers and the update phases (manual optimization); it has no environment code: the
+EnvInteraction callback acts with ``act`` and fills the replay buffer, and every ``training_step``
+is one update on a batch sampled from it.
+
+The clock is ``env_steps`` (advanced by the EnvInteraction callback) and the update count is
+``updates``; both are saved in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
+from tensordict import TensorDictBase
+
+from mpdp_lightning.metrics import MetricAccumulator
+from mpdp_lightning.policy import SquashedGaussianHeads, Temperature, TwinQ
+from mpdp_lightning.sac_losses import actor_loss, critic_loss, temperature_loss
+from mpdp_lightning.tasks import get_task, task_spaces
+
+# The fused Adam kernel (CPU and CUDA) updates all of an optimizer's tensors in one call.
+ADAM = {"fused": True}
+
+# metric name -> phase, for the NaN/inf check that names the phase that broke
+LOSS_PHASES = {"train/critic_loss": "critic", "train/actor_loss": "actor", "train/alpha_loss": "temperature"}
+
+
+class SAC(pl.LightningModule):
+    """Soft Actor-Critic.
+
+    Args:
+        task: task name from the registry (set by the top-level ``--task``).
+        hidden: width of every hidden layer of the actor and the critics.
+        layers: number of hidden layers of the actor and the critics.
+        activation: hidden activation (relu, silu, tanh, elu).
+        gamma: discount factor.
+        tau: Polyak rate of the target critics (target <- (1 - tau) target + tau online).
+        actor_lr: Adam learning rate of the actor.
+        critic_lr: Adam learning rate of the critics.
+        alpha: entropy temperature; the initial value when ``auto_alpha``.
+        auto_alpha: tune alpha towards ``target_entropy`` (SAC v2) instead of keeping it fixed.
+        alpha_lr: Adam learning rate of log(alpha) when ``auto_alpha``.
+        target_entropy: entropy target for ``auto_alpha``; None means -(action dimensions).
+    """
+
+    def __init__(
+        self,
+        task: str,
+        hidden: PositiveInt = 256,
+        layers: PositiveInt = 2,
+        activation: str = "relu",
+        gamma: NonNegativeFloat = 0.99,
+        tau: PositiveFloat = 0.005,
+        actor_lr: PositiveFloat = 3e-4,
+        critic_lr: PositiveFloat = 3e-4,
+        alpha: PositiveFloat = 0.2,
+        auto_alpha: bool = False,
+        alpha_lr: PositiveFloat = 3e-4,
+        target_entropy: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        get_task(task)  # an unknown name fails here, before any net is built
+        for name, value in dict(actor_lr=actor_lr, critic_lr=critic_lr, alpha=alpha, alpha_lr=alpha_lr).items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not 0.0 <= gamma <= 1.0 or not 0.0 < tau <= 1.0:
+            raise ValueError(f"need 0 <= gamma <= 1 and 0 < tau <= 1, got gamma={gamma}, tau={tau}")
+        self.save_hyperparameters(logger=False)
+        self.automatic_optimization = False
+
+        spaces = task_spaces(task)
+        self.task = task
+        self.obs_dim, self.act_dim = spaces.obs_dim, spaces.act_dim
+        self.target_entropy = float(-spaces.act_dim if target_entropy is None else target_entropy)
+        self.actor = SquashedGaussianHeads(
+            spaces.obs_dim, spaces.act_dim, spaces.action_low, spaces.action_high, 1, hidden, layers, activation
+        )
+        self.critic = TwinQ(spaces.obs_dim, spaces.act_dim, hidden, layers, activation)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.temperature = Temperature(alpha, learnable=auto_alpha)
+
+        self.env_steps = 0
+        self.updates = 0
+        self.train_metrics = MetricAccumulator()
+
+    # ---- acting (used by the callbacks) -------------------------------------------------
+    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """pi_0's action for a batch of observations, in the environment's units."""
+        return self.actor.act(obs, deterministic)
+
+    # ---- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        hp = self.hparams
+        optimizers = [
+            torch.optim.Adam(self.critic.parameters(), lr=hp.critic_lr, **ADAM),
+            torch.optim.Adam(self.actor.parameters(), lr=hp.actor_lr, **ADAM),
+        ]
+        if hp.auto_alpha:
+            optimizers.append(torch.optim.Adam([self.temperature.log_alpha], lr=hp.alpha_lr, **ADAM))
+        return optimizers
+
+    def _step(self, optimizer: Any, loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+
+    def update_critic(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
+        critic_opt = self.optimizers()[0]
+        loss, info = critic_loss(
+            self.critic, self.critic_target, self.actor, batch, self.hparams.gamma, self.temperature.alpha
+        )
+        self._step(critic_opt, loss)
+        with torch.no_grad():
+            online, target = list(self.critic.parameters()), list(self.critic_target.parameters())
+            torch._foreach_lerp_(target, online, self.hparams.tau)
+        return {"train/critic_loss": loss.detach(), "train/q_mean": info["q_mean"], "train/q_target": info["target_mean"]}
+
+    def improve_policy(self, batch: TensorDictBase) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """SAC's one-step policy improvement; returns metrics and pi_0's log-probs on real states
+        (for the temperature). MPDP overrides this with the H-step improvement."""
+        actor_opt = self.optimizers()[1]
+        loss, info = actor_loss(self.actor, self.critic, batch["obs"], self.temperature.alpha)
+        self._step(actor_opt, loss)
+        return {"train/actor_loss": loss.detach(), "train/entropy": info["entropy"]}, info["log_prob"]
+
+    def update_temperature(self, log_prob: torch.Tensor) -> dict[str, torch.Tensor]:
+        metrics = {"train/alpha": self.temperature.alpha}
+        if self.hparams.auto_alpha:
+            loss = temperature_loss(self.temperature.log_alpha, log_prob, self.target_entropy)
+            self._step(self.optimizers()[2], loss)
+            metrics["train/alpha_loss"] = loss.detach()
+        return metrics
+
+    def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
+        metrics = self.update_critic(batch)
+        policy_metrics, log_prob = self.improve_policy(batch)
+        metrics.update(policy_metrics)
+        metrics.update(self.update_temperature(log_prob))
+        self.train_metrics.add(metrics)
+        self.updates += 1
+
+    def raise_if_not_finite(self) -> None:
+        """Stop with a message naming the phase whose loss went NaN or inf (host sync: call rarely)."""
+        self.train_metrics.raise_if_not_finite(LOSS_PHASES, self.env_steps)
+
+    # ---- checkpoint ---------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["counters"] = {"env_steps": self.env_steps, "updates": self.updates}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.env_steps = int(checkpoint["counters"]["env_steps"])
+        self.updates = int(checkpoint["counters"]["updates"])

@@ -1,0 +1,70 @@
+"""What a run records in MLflow beside its metrics, so that it can be reproduced from MLflow alone:
+the resolved config as params and as a config.yaml artifact, the package version and git commit."""
+
+from __future__ import annotations
+
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import MLFlowLogger
+
+import mpdp_lightning
+
+MLFLOW_PARAM_LIMIT = 6000  # characters of one param value in MLflow
+
+
+def git_commit() -> str:
+    """The commit of the source tree (with ``-dirty`` when it has uncommitted changes), or ``unknown``."""
+    where = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"model.init_args.gamma": "0.99", ...} (lists and None as text)."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = str(value)[:MLFLOW_PARAM_LIMIT]
+    return flat
+
+
+def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool) -> None:
+    """Log the resolved ``config`` to every MLflow logger of ``trainer``.
+
+    A resumed run keeps its params: new keys are added, and a value that differs from the
+    original (MLflow params are immutable) is recorded as a ``resume_override.<key>`` tag.
+    """
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
+    if not loggers:
+        return
+    as_dict = config.as_dict() if hasattr(config, "as_dict") else dict(config)
+    as_dict.pop("config", None)  # the paths of the --config files, not settings
+    params = flatten(as_dict)
+    params["mpdp_version"] = mpdp_lightning.__version__
+    params["git_commit"] = git_commit()
+    yaml_text = parser.dump(config, skip_none=False)
+    for logger in loggers:
+        client, run_id = logger.experiment, logger.run_id
+        existing = client.get_run(run_id).data.params if resumed else {}
+        new = {k: v for k, v in params.items() if k not in existing}
+        for key, value in params.items():
+            if key in existing and existing[key] != value:
+                client.set_tag(run_id, f"resume_override.{key}", value[:5000])
+                warnings.warn(f"resumed with {key}={value} (was {existing[key]}); kept as a tag", stacklevel=2)
+        if new:
+            logger.log_hyperparams(new)
+        client.set_tag(run_id, "task", str(as_dict.get("task")))
+        client.set_tag(run_id, "algo", str(as_dict.get("model", {}).get("class_path", "")).rsplit(".", 1)[-1])
+        client.log_text(run_id, yaml_text, "config_resumed.yaml" if resumed else "config.yaml")

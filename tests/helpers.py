@@ -1,0 +1,87 @@
+"""Small settings and probe callbacks for the end-to-end tests (importable as ``helpers.*``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tracking_uri() -> str:
+    """The MLflow store of the current folder, as an absolute URI: MLflow caches a store per URI
+    within a process, so a relative one would keep pointing at the first test's folder."""
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def fit_args(task: str, total: int, *extra: str, algo: str = "sac") -> list[str]:
+    """``mpdp fit`` arguments composing the real config files, shrunk to seconds of work."""
+    return [
+        "fit",
+        "--config", str(ROOT / "conf/base.yaml"),
+        "--config", str(ROOT / f"conf/algo/{algo}.yaml"),
+        "--config", str(ROOT / f"conf/task/{task}.yaml"),
+        "--env_interaction.total_env_steps", str(total),
+        "--env_interaction.warmup_steps", "100",
+        "--env_interaction.log_every_env_steps", "50",
+        "--evaluation.eval_every", "100",
+        "--evaluation.eval_episodes", "1",
+        "--checkpoint.checkpoint_every", "100",
+        "--data.batch_size", "32",
+        "--model.hidden", "32",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.tracking_uri", tracking_uri(),
+        *extra,
+    ]
+
+
+class SignalAt(Callback):
+    """Sends ``signum`` to this process once the run reaches ``env_step`` env steps."""
+
+    def __init__(self, env_step: int, signum: int = int(signal.SIGTERM)) -> None:
+        self.env_step, self.signum, self.sent = env_step, signum, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.sent and pl_module.env_steps >= self.env_step:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+class PoisonCriticAt(Callback):
+    """Turns the critic's weights into NaN at ``env_step``: a stand-in for a diverging run."""
+
+    def __init__(self, env_step: int) -> None:
+        self.env_step = env_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.env_steps == self.env_step:
+            with torch.no_grad():
+                for p in pl_module.critic.parameters():
+                    p.fill_(float("nan"))
+
+
+class RecordStartState(Callback):
+    """Records what a (resumed) run starts from, at on_train_start, into a file for the test."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer_steps = [
+            int(next(iter(opt.state.values()))["step"]) if opt.state else 0 for opt in trainer.optimizers
+        ]
+        torch.save(
+            {
+                "env_steps": pl_module.env_steps,
+                "updates": pl_module.updates,
+                "buffer": trainer.datamodule.contents().to("cpu"),
+                "optimizer_steps": optimizer_steps,
+                "actor": {k: v.clone() for k, v in pl_module.actor.state_dict().items()},
+            },
+            self.path,
+        )

@@ -1,0 +1,99 @@
+"""Short real runs through the command line: SAC on hopper with MLflow logging, an interrupted
+run resumed from its checkpoint, and a diverging run stopped with its last good checkpoint."""
+
+import signal
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from helpers import fit_args, tracking_uri
+from mpdp_lightning.checkpoint_io import read_checkpoint_header
+from mpdp_lightning.cli import main
+
+
+def _only_run(client):
+    experiment = client.get_experiment_by_name("mpdp")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, "a resumed run must continue its MLflow run, not start another"
+    return runs[0]
+
+
+def _steps(client, run_id, metric):
+    return [m.step for m in client.get_metric_history(run_id, metric)]
+
+
+def test_sac_on_hopper_logs_to_mlflow_and_checkpoints(in_tmp):
+    main(fit_args("hopper", 300, "--model.gamma", "0.98"))
+
+    client = MlflowClient(tracking_uri())
+    run = _only_run(client)
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    # every metric is on the env-step clock
+    assert _steps(client, run_id, "eval/return") == [100, 200, 300]
+    for metric in ("train/critic_loss", "train/actor_loss", "train/alpha", "train/q_mean", "train/episode_return",
+                   "time/env_steps_per_second"):
+        steps = _steps(client, run_id, metric)
+        assert steps and all(s % 50 == 0 and 0 < s <= 300 for s in steps), metric
+    # the resolved config, overrides included, plus version and commit
+    params = run.data.params
+    assert params["task"] == "hopper"
+    assert params["model.init_args.gamma"] == "0.98"
+    assert params["model.init_args.task"] == "hopper"
+    assert params["data.batch_size"] == "32"
+    assert "git_commit" in params and "mpdp_version" in params
+    assert run.data.tags["algo"] == "SAC"
+    config_path = client.download_artifacts(run_id, "config.yaml", str(in_tmp))
+    assert "gamma: 0.98" in open(config_path).read()
+
+    header = read_checkpoint_header(in_tmp / "runs/checkpoints" / run_id / "last.ckpt")
+    assert header.env_steps == 300 and header.updates == 200  # 100 warm-up steps take no update
+    assert header.mlflow_run_id == run_id
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_interrupted_run_resumes_with_counters_buffer_and_optimizers_intact(in_tmp, signum):
+    probe = f'--trainer.callbacks+={{"class_path": "helpers.SignalAt", "init_args": {{"env_step": 250, "signum": {int(signum)}}}}}'
+    with pytest.raises(SystemExit):
+        main(fit_args("hopper", 400, probe))
+
+    client = MlflowClient(tracking_uri())
+    run_id = _only_run(client).info.run_id
+    ckpt = in_tmp / "runs/checkpoints" / run_id / "last.ckpt"
+    header = read_checkpoint_header(ckpt)
+    assert header.env_steps == 250 and header.updates == 150  # saved at the update boundary
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["ReplayDataModule"]["size"] == 250
+
+    record = f'--trainer.callbacks+={{"class_path": "helpers.RecordStartState", "init_args": {{"path": "{in_tmp}/start.pt"}}}}'
+    main(fit_args("hopper", 400, "--ckpt_path", str(ckpt), record))
+
+    start = torch.load(in_tmp / "start.pt", weights_only=False)
+    assert start["env_steps"] == 250 and start["updates"] == 150
+    assert torch.equal(start["buffer"]["obs"], saved["ReplayDataModule"]["data"]["obs"])
+    assert torch.equal(start["buffer"]["reward"], saved["ReplayDataModule"]["data"]["reward"])
+    assert start["optimizer_steps"][:2] == [150, 150]  # Adam's step counts came back (critic, actor)
+    for key, value in start["actor"].items():
+        torch.testing.assert_close(value, saved["state_dict"][f"actor.{key}"])
+
+    run = _only_run(client)
+    assert run.info.status == "FINISHED"
+    assert _steps(client, run_id, "eval/return") == [100, 200, 300, 400]
+    final = read_checkpoint_header(ckpt)
+    assert final.env_steps == 400 and final.updates == 300
+
+
+def test_nan_loss_stops_the_run_naming_the_phase_and_keeps_the_last_good_checkpoint(in_tmp, capsys):
+    poison = '--trainer.callbacks+={"class_path": "helpers.PoisonCriticAt", "init_args": {"env_step": 230}}'
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args("hopper", 400, poison))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error:") and "critic" in message and "nan" in message
+
+    run_id = _only_run(MlflowClient(tracking_uri())).info.run_id
+    ckpt = in_tmp / "runs/checkpoints" / run_id / "last.ckpt"
+    assert read_checkpoint_header(ckpt).env_steps == 200
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values())
