@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDictBase
 
-from mpdp_lightning.policy import SquashedGaussianHeads, TwinQ, call_frozen
+from mpdp_lightning.policy import SquashedGaussianHeads, TwinQ, frozen
 
 
 def critic_loss(
@@ -42,7 +42,8 @@ def actor_loss(
     alpha: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     action, log_prob = actor.sample(obs, 0)
-    q = call_frozen(critic, obs, action).min(dim=0).values
+    with frozen(critic):
+        q = critic(obs, action).min(dim=0).values
     loss = (alpha * log_prob - q).mean()
     return loss, {"log_prob": log_prob.detach(), "entropy": -log_prob.detach().mean()}
 

@@ -14,6 +14,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 import mpdp_lightning
 
 MLFLOW_PARAM_LIMIT = 6000  # characters of one param value in MLflow
+# How a run was started or continued, not how it trains: differ between a run and its resumption.
+NOT_PARAMS = ("config", "ckpt_path", "trainer.logger.init_args.run_id")
 
 
 def git_commit() -> str:
@@ -50,8 +52,7 @@ def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool)
     if not loggers:
         return
     as_dict = config.as_dict() if hasattr(config, "as_dict") else dict(config)
-    as_dict.pop("config", None)  # the paths of the --config files, not settings
-    params = flatten(as_dict)
+    params = {k: v for k, v in flatten(as_dict).items() if not k.startswith(NOT_PARAMS)}
     params["mpdp_version"] = mpdp_lightning.__version__
     params["git_commit"] = git_commit()
     yaml_text = parser.dump(config, skip_none=False)
