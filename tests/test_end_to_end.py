@@ -97,3 +97,24 @@ def test_nan_loss_stops_the_run_naming_the_phase_and_keeps_the_last_good_checkpo
     assert read_checkpoint_header(ckpt).env_steps == 200
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_world_model_phase_runs_in_training_and_is_checkpointed(in_tmp):
+    main(fit_args(
+        "hopper", 300,
+        "--model", "mpdp_lightning.model_based.ModelBasedSAC",
+        "--model.ensemble_size", "3", "--model.num_elites", "2", "--model.model_hidden", "32",
+        "--model.model_layers", "2", "--model.model_train_every", "100", "--model.model_max_epochs", "5",
+    ))
+    client = MlflowClient(tracking_uri())
+    run_id = _only_run(client).info.run_id
+    # first fit on the first update (after 100 warm-up steps), then at multiples of 100
+    assert _steps(client, run_id, "model/holdout_mse") == [101, 200, 300]
+    assert _steps(client, run_id, "model/error_l2") == [200, 300]  # needs a model fitted before
+    for metric in ("model/holdout_nll", "model/epochs", "model/elites", "model/u_mean"):
+        assert _steps(client, run_id, metric) == [101, 200, 300], metric
+    checkpoint = torch.load(in_tmp / "runs/checkpoints" / run_id / "last.ckpt", weights_only=True)
+    assert checkpoint["counters"]["model_trained_at"] == 300 and checkpoint["counters"]["model_fits"] == 3
+    for key in ("world_model.elites", "world_model.input_norm.mean", "world_model.target_norm.std"):
+        assert key in checkpoint["state_dict"], key
+    assert len(checkpoint["optimizer_states"]) == 4  # critic, actor, temperature, model

@@ -81,6 +81,14 @@ class ReplayDataModule(pl.LightningDataModule):
         """Every stored transition, in storage order (a copy)."""
         return self.buffer.storage.get(torch.arange(len(self.buffer))).clone()
 
+    def latest(self, n: int) -> TensorDictBase:
+        """The ``n`` most recently written transitions, oldest first (a copy)."""
+        size = len(self.buffer)
+        n = min(n, size)
+        cursor = self.buffer.writer.state_dict()["_cursor"]
+        index = (cursor - n + torch.arange(n)) % max(size, 1)
+        return self.buffer.storage.get(index).clone()
+
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: each item already is a batch; the identity collate keeps the TensorDict.
         return DataLoader(ReplaySampleStream(self.buffer, self.batch_size), batch_size=None, collate_fn=_as_is)

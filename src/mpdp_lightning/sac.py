@@ -96,14 +96,24 @@ class SAC(pl.LightningModule):
 
     # ---- optimisation -------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        groups = self.optimizer_groups()
+        self._optimizer_index = {name: i for i, name in enumerate(groups)}
+        return [torch.optim.Adam(params, lr=lr, **ADAM) for params, lr in groups.values()]
+
+    def optimizer_groups(self) -> dict[str, tuple[list[torch.nn.Parameter], float]]:
+        """name -> (parameters, learning rate), one Adam optimizer each; subclasses add theirs."""
         hp = self.hparams
-        optimizers = [
-            torch.optim.Adam(self.critic.parameters(), lr=hp.critic_lr, **ADAM),
-            torch.optim.Adam(self.actor.parameters(), lr=hp.actor_lr, **ADAM),
-        ]
+        groups = {
+            "critic": (list(self.critic.parameters()), hp.critic_lr),
+            "actor": (list(self.actor.parameters()), hp.actor_lr),
+        }
         if hp.auto_alpha:
-            optimizers.append(torch.optim.Adam([self.temperature.log_alpha], lr=hp.alpha_lr, **ADAM))
-        return optimizers
+            groups["temperature"] = ([self.temperature.log_alpha], hp.alpha_lr)
+        return groups
+
+    def optimizer(self, name: str) -> Any:
+        """The (Lightning-wrapped) optimizer of phase ``name``."""
+        return self.optimizers()[self._optimizer_index[name]]
 
     def _step(self, optimizer: Any, loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -111,7 +121,7 @@ class SAC(pl.LightningModule):
         optimizer.step()
 
     def update_critic(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
-        critic_opt = self.optimizers()[0]
+        critic_opt = self.optimizer("critic")
         loss, info = critic_loss(
             self.critic, self.critic_target, self.actor, batch, self.hparams.gamma, self.temperature.alpha
         )
@@ -124,7 +134,7 @@ class SAC(pl.LightningModule):
     def improve_policy(self, batch: TensorDictBase) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """SAC's one-step policy improvement; returns metrics and pi_0's log-probs on real states
         (for the temperature). MPDP overrides this with the H-step improvement."""
-        actor_opt = self.optimizers()[1]
+        actor_opt = self.optimizer("actor")
         loss, info = actor_loss(self.actor, self.critic, batch["obs"], self.temperature.alpha)
         self._step(actor_opt, loss)
         return {"train/actor_loss": loss.detach(), "train/entropy": info["entropy"]}, info["log_prob"]
@@ -133,7 +143,7 @@ class SAC(pl.LightningModule):
         metrics = {"train/alpha": self.temperature.alpha}
         if self.hparams.auto_alpha:
             loss = temperature_loss(self.temperature.log_alpha, log_prob, self.target_entropy)
-            self._step(self.optimizers()[2], loss)
+            self._step(self.optimizer("temperature"), loss)
             metrics["train/alpha_loss"] = loss.detach()
         return metrics
 

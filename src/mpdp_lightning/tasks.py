@@ -73,6 +73,7 @@ class Task:
     termination_fn: TerminationFn
     env_kwargs: dict = field(default_factory=dict)
     note: str = ""
+    model_hidden: int = 200  # width of the world model's hidden layers (MBPO: 400 for humanoid)
 
 
 # The env-step budgets (the paper's Fig. 1) live in conf/task/<task>.yaml.
@@ -105,6 +106,7 @@ TASKS: dict[str, Task] = {
             "Humanoid-v5",
             humanoid_done,
             env_kwargs=_HUMANOID_DROPPED,
+            model_hidden=400,
             note="cinert, cvel, qfrc_actuator and contact forces dropped from the observation",
         ),
     )

@@ -1,0 +1,144 @@
+"""SAC with a learned world model: the probabilistic ensemble trained as a phase of the module.
+
+Every ``model_train_every`` env steps the ensemble is fitted on the whole replay buffer with its
+own optimizer (manual optimization, like the other phases), before that update's critic and
+actor steps. The policy improvement is still SAC's here; MPDP overrides it with the H-step
+improvement through this model, and the MBPO baseline uses the same model for rollouts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+from jsonargparse.typing import PositiveFloat, PositiveInt
+from tensordict import TensorDictBase
+
+from mpdp_lightning.metrics import log_metrics
+from mpdp_lightning.sac import SAC
+from mpdp_lightning.tasks import get_task
+from mpdp_lightning.world_model import GaussianEnsemble, fit_ensemble
+
+
+class ModelBasedSAC(SAC):
+    """SAC plus a probabilistic ensemble world model (see SAC for the actor-critic arguments).
+
+    Args:
+        ensemble_size: K, members of the ensemble.
+        num_elites: members that sample rollouts, the best K' on holdout after each fit.
+        model_hidden: width of the model's hidden layers; None: the task's (200, humanoid 400).
+        model_layers: hidden layers of each member.
+        model_lr: Adam learning rate of the model.
+        model_train_every: env steps between two fits of the model on the whole buffer.
+        model_batch_size: rows per member in each model minibatch.
+        holdout_ratio: fraction of the buffer held out for early stopping and elite selection.
+        max_holdout: cap on the holdout rows.
+        model_patience: epochs without a 1 % holdout improvement of any member before stopping.
+        model_max_epochs: cap on the epochs of one fit.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        *args: Any,
+        ensemble_size: PositiveInt = 7,
+        num_elites: PositiveInt = 5,
+        model_hidden: Optional[PositiveInt] = None,
+        model_layers: PositiveInt = 4,
+        model_lr: PositiveFloat = 1e-3,
+        model_train_every: PositiveInt = 250,
+        model_batch_size: PositiveInt = 256,
+        holdout_ratio: PositiveFloat = 0.2,
+        max_holdout: PositiveInt = 5000,
+        model_patience: PositiveInt = 5,
+        model_max_epochs: PositiveInt = 200,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(task, *args, **kwargs)
+        if not holdout_ratio < 1.0:
+            raise ValueError(f"holdout_ratio must be below 1, got {holdout_ratio}")
+        spec = get_task(task)
+        self.world_model = GaussianEnsemble(
+            self.obs_dim,
+            self.act_dim,
+            ensemble_size,
+            num_elites,
+            model_hidden or spec.model_hidden,
+            model_layers,
+            "silu",
+            termination_fn=spec.termination_fn,
+        )
+        self.model_trained_at: Optional[int] = None  # env step of the last fit
+        self.model_fits = 0
+
+    def optimizer_groups(self) -> dict[str, tuple[list[torch.nn.Parameter], float]]:
+        groups = super().optimizer_groups()
+        groups["model"] = (list(self.world_model.parameters()), self.hparams.model_lr)
+        return groups
+
+    # ---- the model phase ---------------------------------------------------------------------
+    def model_is_due(self) -> bool:
+        # first on the first update, then at multiples of model_train_every env steps
+        every = self.hparams.model_train_every
+        return self.model_trained_at is None or self.env_steps // every > self.model_trained_at // every
+
+    def train_world_model(self) -> dict[str, float]:
+        """Fit the ensemble on every stored transition; log model/* against env steps."""
+        start = time.perf_counter()
+        datamodule = self.trainer.datamodule
+        metrics: dict[str, float] = {}
+        if self.model_trained_at is not None:  # Fig. 3: error on transitions the model has not seen
+            newest = datamodule.latest(self.env_steps - self.model_trained_at)
+            metrics["model/error_l2"] = self.prediction_error(newest)
+        data = datamodule.contents()
+        inputs = torch.cat([data["obs"], data["action"]], dim=-1)
+        targets = torch.cat([data["next_obs"] - data["obs"], data["reward"].unsqueeze(-1)], dim=-1)
+        hp = self.hparams
+        model_optimizer = self.optimizer("model")
+        report = fit_ensemble(
+            self.world_model,
+            inputs,
+            targets,
+            step=lambda loss: self._step(model_optimizer, loss),
+            batch_size=hp.model_batch_size,
+            holdout_ratio=hp.holdout_ratio,
+            max_holdout=hp.max_holdout,
+            max_epochs=hp.model_max_epochs,
+            patience=hp.model_patience,
+        )
+        self.model_trained_at = self.env_steps
+        self.model_fits += 1
+        metrics.update(
+            {
+                "model/holdout_mse": report.holdout_mse,
+                "model/holdout_nll": report.holdout_nll,
+                "model/epochs": float(report.epochs),
+                "model/elites": float(len(report.elites)),
+                "model/u_mean": report.u_mean,
+                "time/model_fit_seconds": time.perf_counter() - start,
+            }
+        )
+        log_metrics(self.trainer, metrics, step=self.env_steps)
+        return metrics
+
+    @torch.no_grad()
+    def prediction_error(self, transitions: TensorDictBase) -> float:
+        """Mean L2 distance between the elites' mean predicted next observation and the real one."""
+        predicted, _ = self.world_model.predict_mean(transitions["obs"], transitions["action"])
+        return (predicted - transitions["next_obs"]).norm(dim=-1).mean().item()
+
+    def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
+        if self.model_is_due():
+            self.train_world_model()
+        super().training_step(batch, batch_idx)
+
+    # ---- checkpoint ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["counters"].update(model_trained_at=self.model_trained_at, model_fits=self.model_fits)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.model_trained_at = checkpoint["counters"].get("model_trained_at")
+        self.model_fits = int(checkpoint["counters"].get("model_fits", 0))

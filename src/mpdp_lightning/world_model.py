@@ -1,0 +1,260 @@
+"""The probabilistic ensemble world model (PETS/MBPO style) and its One-vs-Rest model error.
+
+K Gaussian MLPs, all evaluated at once on the batched-MLP block, predict the change in
+observation and the reward as a mean and a log-variance. Inputs (obs, action) and targets
+(delta obs, reward) are normalised with statistics fitted to the data; the log-variance is kept
+between learned soft bounds. ``fit_ensemble`` trains on the whole replay buffer with a holdout
+split, early stopping and elite selection; the step function it is given performs the optimizer
+step, so the LightningModule can run it as a phase with manual optimization.
+
+``step`` is what rollouts use: one forward of all K members gives the sample of one random elite
+per row (reparameterised: gradients reach obs and action) and the One-vs-Rest error
+u(s, a) = sum_i KL(p_i || p_-i) of Eq. 8, where p_-i moment-matches the other K-1 members.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpdp_lightning.nets import BatchedMLP
+from mpdp_lightning.tasks import TerminationFn
+
+# MBPO's L2 weight decay per layer (input layer first, output layer last) for 4 hidden layers;
+# other depths interpolate between the first and last value.
+MBPO_DECAYS = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)
+LOGVAR_BOUND_WEIGHT = 0.01  # MBPO's weight on the learned log-variance bounds
+
+
+class Normalizer(nn.Module):
+    """Per-dimension standardisation with statistics fitted to data (kept in the state dict)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, data: torch.Tensor) -> None:
+        self.mean.copy_(data.mean(dim=0))
+        std = data.std(dim=0)
+        self.std.copy_(torch.where(std < 1e-6, torch.ones_like(std), std))  # constant columns pass through
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+
+@dataclass
+class ModelStep:
+    """One imagined transition for a batch of rows."""
+
+    next_obs: torch.Tensor  # [B, obs_dim]
+    reward: torch.Tensor  # [B]
+    done: torch.Tensor  # [B] bool, the task's termination function on the sampled next_obs
+    u: torch.Tensor  # [B], One-vs-Rest model error at (obs, action)
+
+
+class GaussianEnsemble(nn.Module):
+    """K Gaussian MLPs over (delta obs, reward) given (obs, action).
+
+    Args:
+        obs_dim, act_dim: sizes of the task's observation and action.
+        ensemble_size: K members.
+        num_elites: members used for sampling, the best on holdout after each fit.
+        hidden, layers, activation: every member's MLP.
+        termination_fn: the task's ``done(obs, action, next_obs)``; None: imagined episodes never end.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        ensemble_size: int = 7,
+        num_elites: int = 5,
+        hidden: int = 200,
+        layers: int = 4,
+        activation: str = "silu",
+        termination_fn: Optional[TerminationFn] = None,
+    ) -> None:
+        super().__init__()
+        if not 0 < num_elites <= ensemble_size or ensemble_size < 2:
+            raise ValueError(f"need 2 <= ensemble_size and 0 < num_elites <= ensemble_size, got {ensemble_size}, {num_elites}")
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.ensemble_size, self.num_elites = ensemble_size, num_elites
+        self.out_dim = obs_dim + 1
+        self.net = BatchedMLP(ensemble_size, obs_dim + act_dim, 2 * self.out_dim, hidden, layers, activation)
+        self.max_logvar = nn.Parameter(torch.full((self.out_dim,), 0.5))
+        self.min_logvar = nn.Parameter(torch.full((self.out_dim,), -10.0))
+        self.input_norm = Normalizer(obs_dim + act_dim)
+        self.target_norm = Normalizer(self.out_dim)
+        self.register_buffer("elites", torch.arange(num_elites))
+        self.termination_fn = termination_fn
+
+    # ---- prediction ------------------------------------------------------------------------
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of every member, [K, B, obs_dim + 1], in normalised target units.
+
+        obs and action are [B, .] (the same rows for every member) or [K, B, .] (one set each).
+        """
+        x = self.input_norm.normalize(torch.cat([obs, action], dim=-1))
+        mean, raw_logvar = self.net(x).chunk(2, dim=-1)
+        # soft bounds: smooth clamps whose limits are learned (PETS appendix A.1)
+        logvar = self.max_logvar - F.softplus(self.max_logvar - raw_logvar)
+        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
+        return mean, logvar
+
+    def predict_mean(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The elites' average predicted next observation and reward (no sampling)."""
+        mean, _ = self(obs, action)
+        target = self.target_norm.denormalize(mean[self.elites].mean(dim=0))
+        return obs + target[..., : self.obs_dim], target[..., self.obs_dim]
+
+    def step(self, obs: torch.Tensor, action: torch.Tensor, generator: Optional[torch.Generator] = None) -> ModelStep:
+        """Sample next obs and reward from one random elite per row (reparameterised), the
+        terminal flag from the task's rule, and u(obs, action) over all K members: one forward."""
+        mean, logvar = self(obs, action)
+        rows = torch.arange(obs.shape[0], device=obs.device)
+        pick = torch.randint(self.num_elites, (obs.shape[0],), device=obs.device, generator=generator)
+        member = self.elites[pick]
+        noise = torch.randn(mean.shape[1:], device=obs.device, dtype=mean.dtype, generator=generator)
+        sample = mean[member, rows] + noise * (0.5 * logvar[member, rows]).exp()
+        target = self.target_norm.denormalize(sample)
+        next_obs, reward = obs + target[:, : self.obs_dim], target[:, self.obs_dim]
+        if self.termination_fn is None:
+            done = torch.zeros_like(reward, dtype=torch.bool)
+        else:
+            done = self.termination_fn(obs, action, next_obs)
+        return ModelStep(next_obs, reward, done, ovr_uncertainty(mean, logvar))
+
+
+def ovr_uncertainty(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """u = sum_i KL(N_i || N_-i) for diagonal Gaussians [K, B, D] -> [B] (paper Eq. 8).
+
+    N_-i moment-matches the other K-1 members: mean of their means; variance = mean of
+    (var + mean^2) minus the squared mean. KL is invariant to per-dimension affine maps, so the
+    normalised target units give the same value as real units.
+    """
+    k = mean.shape[0]
+    var = logvar.exp()
+    second = var + mean.pow(2)
+    rest_mean = (mean.sum(dim=0, keepdim=True) - mean) / (k - 1)
+    rest_var = (second.sum(dim=0, keepdim=True) - second) / (k - 1) - rest_mean.pow(2)
+    rest_var = rest_var.clamp_min(1e-12)  # rounding can push the moment-matched variance below 0
+    kl = 0.5 * (rest_var.log() - logvar + (var + (mean - rest_mean).pow(2)) / rest_var - 1.0)
+    return kl.sum(dim=-1).sum(dim=0)
+
+
+# ---- training ---------------------------------------------------------------------------------
+def layer_decays(layers: int) -> list[float]:
+    """L2 decay of each of the ``layers + 1`` linear layers, MBPO's values for 4 hidden layers."""
+    if layers + 1 == len(MBPO_DECAYS):
+        return list(MBPO_DECAYS)
+    first, last = MBPO_DECAYS[0], MBPO_DECAYS[-1]
+    return [first + (last - first) * i / layers for i in range(layers + 1)]
+
+
+def nll_loss(model: GaussianEnsemble, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training loss for member-wise batches inputs [K, B, in], targets [K, B, out] (real units):
+    Gaussian NLL (up to its constant) per member, summed over members, plus the log-variance
+    bound penalty and per-layer L2 decay. Also returns the NLL per member."""
+    obs, action = inputs.split([model.obs_dim, model.act_dim], dim=-1)
+    mean, logvar = model(obs, action)
+    y = model.target_norm.normalize(targets)
+    nll = ((mean - y).pow(2) * (-logvar).exp() + logvar).mean(dim=(1, 2))
+    bounds = LOGVAR_BOUND_WEIGHT * (model.max_logvar.sum() - model.min_logvar.sum())
+    decay = sum(d * 0.5 * lin.weight.pow(2).sum() for d, lin in zip(layer_decays(len(model.net.linears) - 1), model.net.linears))
+    return nll.sum() + bounds + decay, nll.detach()
+
+
+@torch.no_grad()
+def holdout_errors(model: GaussianEnsemble, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-member MSE (normalised target units) and Gaussian NLL on a holdout set [N, .]."""
+    obs, action = inputs.split([model.obs_dim, model.act_dim], dim=-1)
+    mean, logvar = model(obs, action)
+    y = model.target_norm.normalize(targets)
+    mse = (mean - y).pow(2).mean(dim=(1, 2))
+    nll = 0.5 * ((mean - y).pow(2) * (-logvar).exp() + logvar + math.log(2 * math.pi)).mean(dim=(1, 2))
+    return mse, nll
+
+
+@dataclass
+class FitReport:
+    epochs: int
+    holdout_mse: float  # mean over the elites
+    holdout_nll: float
+    u_mean: float  # OvR model error on the holdout pairs
+    elites: list[int]
+
+
+def fit_ensemble(
+    model: GaussianEnsemble,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    step: Callable[[torch.Tensor], None],
+    batch_size: int = 256,
+    holdout_ratio: float = 0.2,
+    max_holdout: int = 5000,
+    max_epochs: int = 200,
+    patience: int = 5,
+    min_improvement: float = 0.01,
+    generator: Optional[torch.Generator] = None,
+) -> FitReport:
+    """Fit ``model`` on all transitions (inputs [N, obs+act], targets [N, obs+1]) as MBPO does.
+
+    A random holdout (``holdout_ratio``, at most ``max_holdout``) is set aside; normalisers are
+    fitted on the rest. Each member draws its own bootstrap of the training rows every epoch.
+    Each member keeps the weights of its best holdout MSE within this fit (the best starts at
+    infinity); training stops once no member improved by ``min_improvement`` (relative) for
+    ``patience`` epochs. The ``num_elites`` best members become the elites. ``step(loss)``
+    performs the backward pass and the optimizer step.
+    """
+    n = inputs.shape[0]
+    device = inputs.device
+    n_holdout = min(int(n * holdout_ratio), max_holdout) if n >= 5 else 0
+    order = torch.randperm(n, device=device, generator=generator)
+    hold, train = order[:n_holdout], order[n_holdout:]
+    if n_holdout == 0:
+        hold = train  # too few rows to hold any out: judge on the training rows
+    train_in, train_out = inputs[train], targets[train]
+    hold_in, hold_out = inputs[hold], targets[hold]
+    model.input_norm.fit(train_in)
+    model.target_norm.fit(train_out)
+
+    k = model.ensemble_size
+    best = torch.full((k,), float("inf"), device=device)
+    best_state = {name: p.detach().clone() for name, p in model.net.named_parameters()}
+    epochs_since_improvement, epoch = 0, 0
+    while epoch < max_epochs and epochs_since_improvement < patience:
+        boot = torch.randint(train.numel(), (k, train.numel()), device=device, generator=generator)
+        for start in range(0, train.numel(), batch_size):
+            idx = boot[:, start : start + batch_size]
+            loss, _ = nll_loss(model, train_in[idx], train_out[idx])
+            step(loss)
+        epoch += 1
+        mse, _ = holdout_errors(model, hold_in, hold_out)
+        improved = mse < best * (1.0 - min_improvement)  # the first epoch improves on inf
+        if improved.any():
+            with torch.no_grad():
+                best = torch.where(improved, mse, best)
+                for name, p in model.net.named_parameters():
+                    best_state[name][improved] = p.detach()[improved]
+            epochs_since_improvement = 0
+        else:
+            epochs_since_improvement += 1
+    with torch.no_grad():
+        for name, p in model.net.named_parameters():
+            p.copy_(best_state[name])
+        mse, nll = holdout_errors(model, hold_in, hold_out)
+        model.elites.copy_(torch.argsort(mse)[: model.num_elites])
+        obs, action = hold_in.split([model.obs_dim, model.act_dim], dim=-1)
+        u = ovr_uncertainty(*model(obs, action))
+    elites = model.elites
+    return FitReport(epoch, mse[elites].mean().item(), nll[elites].mean().item(), u.mean().item(), elites.tolist())
