@@ -8,7 +8,7 @@ ARGS ?=
 RESUME ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install train test ui clean
+.PHONY: install train test ui bench-model clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ train: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Cost of the world-model phase (ms per epoch, batched ensemble vs a per-member loop).
+bench-model: install
+	$(PY) -m mpdp_lightning.benchmarks.world_model $(ARGS)
 
 # The MLflow UI over the project's run store, on this machine only.
 ui: install

@@ -8,6 +8,7 @@ improvement through this model, and the MBPO baseline uses the same model for ro
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Optional
 
@@ -15,6 +16,7 @@ import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from tensordict import TensorDictBase
 
+from mpdp_lightning.errors import NonFiniteLossError
 from mpdp_lightning.metrics import log_metrics
 from mpdp_lightning.sac import SAC
 from mpdp_lightning.tasks import get_task
@@ -107,6 +109,11 @@ class ModelBasedSAC(SAC):
             max_epochs=hp.model_max_epochs,
             patience=hp.model_patience,
         )
+        if not math.isfinite(report.holdout_nll):
+            raise NonFiniteLossError(
+                f"the model loss became non-finite (holdout nll {report.holdout_nll}) at env step {self.env_steps}; "
+                "the run stopped and its last good checkpoint is kept"
+            )
         self.model_trained_at = self.env_steps
         self.model_fits += 1
         metrics.update(

@@ -34,6 +34,9 @@ LOSS_PHASES = {"train/critic_loss": "critic", "train/actor_loss": "actor", "trai
 class SAC(pl.LightningModule):
     """Soft Actor-Critic.
 
+    The defaults are the MPDP paper's (Table 2: lr 3e-4, fixed alpha 0.2); conf/algo/sac.yaml
+    sets CleanRL's SAC instead (critic lr 1e-3, automatic alpha from 1.0).
+
     Args:
         task: task name from the registry (set by the top-level ``--task``).
         hidden: width of every hidden layer of the actor and the critics.

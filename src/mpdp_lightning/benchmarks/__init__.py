@@ -1,0 +1,1 @@
+"""Benchmarks that are run and reported, not timed tests (see README, Benchmarks)."""
