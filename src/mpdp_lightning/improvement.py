@@ -1,0 +1,174 @@
+"""MPDP's extended policy improvement (the paper's Algorithm 1, with the project's decisions
+D1-D7 of shared/reference/mpdp-paper.md), as a pure function of (nets, model, batch).
+
+From the batch's real start states, head t samples a_t ~ pi_t(.|s_t) (reparameterised), the
+frozen model gives s_{t+1}, r_t, the terminal flag and the One-vs-Rest error u_t = u(s_t, a_t),
+and each row accumulates
+
+    J = sum_t gamma^t (r_t - alpha log pi_t(a_t|s_t) - beta u_t / scale) + end term.
+
+A row ends (D1):
+- where u_t crosses the threshold (tested before the model step is used): it adds
+  gamma^t [min_j Q_j(s_t, a_t) - alpha log pi_t(a_t|s_t)] instead of that step's reward, so a
+  row stopped at its first step contributes exactly SAC's actor objective;
+- at a predicted terminal s_{t+1}: that step's reward term and nothing after;
+- after H steps: + gamma^H V(s_H), V(s) = min_j Q_j(s, a') - alpha log pi_0(a'|s), a' ~ pi_0.
+
+The loss is -mean(J); one backward reaches every head that some row used. The model's and the
+critics' weights are frozen (gradients flow through them to the actions, never into them).
+
+Every row runs all H steps as one batch (no host synchronisation to ask whether rows are still
+alive); ended rows are masked with ``torch.where``, which passes them exactly zero gradient, and
+they keep their last state detached so that nothing they compute can reach the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mpdp_lightning.policy import SquashedGaussianHeads, TwinQ, frozen
+from mpdp_lightning.world_model import GaussianEnsemble, ovr_uncertainty
+
+ThresholdRule = Literal["quantile", "absolute"]
+PenaltyScale = Literal["median", "none"]
+
+
+@dataclass(frozen=True)
+class ImprovementSettings:
+    """How the H-step objective is built.
+
+    horizon: H_max, the number of actor heads and the longest imagined rollout.
+    gamma: discount.
+    beta: weight of the OvR penalty -beta * u / scale in every step's reward.
+    adaptive: stop rows where u crosses the threshold; False gives a fixed horizon (only
+        predicted terminals end rows early).
+    threshold: "quantile" (D3): u_T is the ``threshold_quantile`` quantile of u over the batch's
+        real (s, a) pairs; "absolute": the paper's literal rule, stop where log u >= ``log_threshold``.
+    threshold_quantile: q of the quantile rule.
+    log_threshold: u_T of the absolute rule, in log space (the paper's -5).
+    penalty_scale: "median" (D7): u is divided by its median over the batch's real pairs before
+        beta applies, so beta means the same on every task; "none": raw u.
+    """
+
+    horizon: int = 25
+    gamma: float = 0.99
+    beta: float = 0.5
+    adaptive: bool = True
+    threshold: ThresholdRule = "quantile"
+    threshold_quantile: float = 0.9
+    log_threshold: float = -5.0
+    penalty_scale: PenaltyScale = "median"
+
+    def __post_init__(self) -> None:
+        if self.horizon < 1:
+            raise ValueError(f"horizon must be at least 1, got {self.horizon}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be non-negative, got {self.beta}")
+        if not 0.0 < self.threshold_quantile <= 1.0:
+            raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}")
+        if self.threshold not in ("quantile", "absolute"):
+            raise ValueError(f"threshold must be 'quantile' or 'absolute', got {self.threshold!r}")
+        if self.penalty_scale not in ("median", "none"):
+            raise ValueError(f"penalty_scale must be 'median' or 'none', got {self.penalty_scale!r}")
+
+
+@dataclass
+class ImprovementResult:
+    loss: torch.Tensor  # -mean J, to minimise
+    horizon: torch.Tensor  # [B] model steps each row took (0: stopped by u at its first step)
+    stop_reason: torch.Tensor  # [B] 0 threshold, 1 predicted terminal, 2 reached H
+    pi0_log_prob: torch.Tensor  # [B] log pi_0(a_0|s_0) on the real start states (detached)
+    diagnostics: dict[str, torch.Tensor]  # scalars, all detached
+
+
+STOP_THRESHOLD, STOP_TERMINAL, STOP_HORIZON = 0, 1, 2
+
+
+def uncertainty_calibration(
+    model: GaussianEnsemble, obs: torch.Tensor, action: torch.Tensor, settings: ImprovementSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """u on the batch's real pairs, the stopping threshold and the penalty scale (no gradient)."""
+    with torch.no_grad():
+        u_real = ovr_uncertainty(*model(obs, action))
+        if settings.threshold == "quantile":
+            threshold = torch.quantile(u_real, settings.threshold_quantile)
+        else:
+            threshold = torch.tensor(math.exp(settings.log_threshold), device=obs.device)
+        if settings.penalty_scale == "median":
+            scale = u_real.median().clamp_min(1e-8)
+        else:
+            scale = torch.ones((), device=obs.device)
+    return u_real, threshold, scale
+
+
+def extended_improvement(
+    actor: SquashedGaussianHeads,
+    critic: TwinQ,
+    model: GaussianEnsemble,
+    obs: torch.Tensor,
+    real_action: torch.Tensor,
+    alpha: torch.Tensor,
+    settings: ImprovementSettings,
+) -> ImprovementResult:
+    """The H-step objective from real start states ``obs`` [B, obs_dim] (``real_action`` are the
+    batch's own actions, used only to calibrate the threshold and the penalty scale)."""
+    if actor.heads < settings.horizon:
+        raise ValueError(f"the actor has {actor.heads} heads, fewer than the horizon {settings.horizon}")
+    batch = obs.shape[0]
+    u_real, threshold, scale = uncertainty_calibration(model, obs, real_action, settings)
+    alive = torch.ones(batch, dtype=torch.bool, device=obs.device)
+    stop_reason = torch.full((batch,), STOP_HORIZON, dtype=torch.long, device=obs.device)
+    horizon = torch.zeros(batch, dtype=torch.long, device=obs.device)
+    objective = torch.zeros(batch, device=obs.device)
+    imagined_u = []
+    state = obs
+    zero = torch.zeros((), device=obs.device)
+    with frozen(model), frozen(critic):
+        for t in range(settings.horizon):
+            action, log_prob = actor.sample(state, head=t)
+            if t == 0:
+                pi0_log_prob = log_prob.detach()
+            step = model.step(state, action)
+            imagined_u.append(step.u.detach())
+            discount = settings.gamma**t
+            unreliable = alive & (step.u >= threshold) if settings.adaptive else torch.zeros_like(alive)
+            # D1: a row stopped by u ends with the soft Q of its unreliable pair, no model step
+            soft_q = critic(state, action).min(dim=0).values - alpha * log_prob
+            objective = objective + torch.where(unreliable, discount * soft_q, zero)
+            going = alive & ~unreliable
+            reward = step.reward - alpha * log_prob - settings.beta * step.u / scale
+            objective = objective + torch.where(going, discount * reward, zero)
+            terminal = going & step.done
+            stop_reason = torch.where(unreliable, STOP_THRESHOLD, torch.where(terminal, STOP_TERMINAL, stop_reason))
+            horizon = horizon + going.long()
+            alive = going & ~step.done
+            # ended rows keep their last state, cut from the graph: they only run along masked
+            state = torch.where(alive.unsqueeze(-1), step.next_obs, state.detach())
+        final_action, final_log_prob = actor.sample(state, head=0)
+        value = critic(state, final_action).min(dim=0).values - alpha * final_log_prob
+        objective = objective + torch.where(alive, settings.gamma**settings.horizon * value, zero)
+
+    imagined = torch.stack(imagined_u)  # [H, B]
+    log_u_real = u_real.clamp_min(1e-12).log()
+    quantiles = torch.quantile(log_u_real, torch.tensor([0.1, 0.5, 0.9], device=obs.device))
+    horizon_f = horizon.float()
+    diagnostics = {
+        "J": objective.detach().mean(),
+        "horizon_mean": horizon_f.mean(),
+        "horizon_max": horizon_f.max(),
+        "stop_threshold": (stop_reason == STOP_THRESHOLD).float().mean(),
+        "stop_terminal": (stop_reason == STOP_TERMINAL).float().mean(),
+        "stop_horizon": (stop_reason == STOP_HORIZON).float().mean(),
+        "stopped_at_first_step": (horizon == 0).float().mean(),
+        "u_mean": imagined[0].mean(),  # u of the first imagined pairs (pi_0 at real states)
+        "u_real_mean": u_real.mean(),
+        "u_threshold": threshold,
+        "log_u_real_q10": quantiles[0],
+        "log_u_real_q50": quantiles[1],
+        "log_u_real_q90": quantiles[2],
+    }
+    return ImprovementResult(-objective.mean(), horizon, stop_reason, pi0_log_prob, diagnostics)

@@ -1,0 +1,170 @@
+"""The extended policy improvement (Algorithm 1 with decisions D1-D7)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mpdp_lightning.improvement import (
+    STOP_HORIZON,
+    STOP_TERMINAL,
+    STOP_THRESHOLD,
+    ImprovementSettings,
+    extended_improvement,
+)
+from mpdp_lightning.policy import SquashedGaussianHeads, TwinQ
+from mpdp_lightning.sac_losses import actor_loss
+from mpdp_lightning.world_model import GaussianEnsemble, ModelStep
+
+OBS, ACT, B, H = 3, 2, 6, 5
+
+
+def _nets(heads=H):
+    actor = SquashedGaussianHeads(OBS, ACT, [-1.0] * ACT, [1.0] * ACT, heads=heads, hidden=16, layers=2)
+    critic = TwinQ(OBS, ACT, hidden=16, layers=2)
+    return actor, critic
+
+
+class ScriptedModel(nn.Module):
+    """A stand-in world model whose u and terminal flags follow a script [H, B]; its next state
+    and reward are smooth functions of (s, a), and u can add a differentiable term in a."""
+
+    def __init__(self, u_script, done_script, u_of_action=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(0.5))
+        self.u_script, self.done_script, self.u_of_action = u_script, done_script, u_of_action
+        self.t = 0
+
+    def forward(self, obs, action):  # calibration: 3 identical members -> u = 0 on real pairs
+        stats = torch.zeros(3, obs.shape[0], OBS + 1)
+        return stats, stats
+
+    def step(self, obs, action):
+        t = min(self.t, len(self.u_script) - 1)
+        self.t += 1
+        u = self.u_script[t].clone()
+        if self.u_of_action is not None:
+            u = u + self.u_of_action(action)
+        next_obs = obs + self.weight * torch.tanh(action).sum(-1, keepdim=True)
+        reward = -(next_obs**2).sum(-1) * self.weight
+        return ModelStep(next_obs, reward, self.done_script[t].clone(), u)
+
+
+def test_all_rows_stopped_at_first_step_is_sacs_actor_loss():
+    actor, critic = _nets()
+    model = GaussianEnsemble(OBS, ACT, 4, 2, hidden=16, layers=2)
+    obs, real_action = torch.randn(B, OBS), torch.rand(B, ACT) * 2 - 1
+    alpha = torch.tensor(0.2)
+    settings = ImprovementSettings(horizon=H, threshold="absolute", log_threshold=-math.inf)  # u >= 0 = u_T
+    torch.manual_seed(7)
+    result = extended_improvement(actor, critic, model, obs, real_action, alpha, settings)
+    torch.manual_seed(7)
+    expected, _ = actor_loss(actor, critic, obs, alpha)
+    torch.testing.assert_close(result.loss, expected)
+    assert (result.horizon == 0).all() and (result.stop_reason == STOP_THRESHOLD).all()
+    assert result.diagnostics["stopped_at_first_step"] == 1.0
+
+
+def test_rows_stop_exactly_where_u_crosses_the_threshold_or_a_terminal_is_predicted():
+    # rows 0-1 cross the threshold (u >= 1) at steps 2 and 0; rows 2-3 hit a terminal at steps 1
+    # and 3; row 4 crosses and terminates at step 3 (the threshold is tested first); row 5 never stops
+    u = torch.zeros(H, B)
+    u[2, 0] = 1.5
+    u[0, 1] = 1.0
+    u[3, 4] = 2.0
+    done = torch.zeros(H, B, dtype=torch.bool)
+    done[1, 2] = True
+    done[3, 3] = True
+    done[3, 4] = True
+    actor, critic = _nets()
+    settings = ImprovementSettings(horizon=H, threshold="absolute", log_threshold=0.0, penalty_scale="none")
+    result = extended_improvement(actor, critic, ScriptedModel(u, done), torch.randn(B, OBS), torch.zeros(B, ACT),
+                                  torch.tensor(0.2), settings)
+    assert result.horizon.tolist() == [2, 0, 2, 4, 3, H]
+    assert result.stop_reason.tolist() == [STOP_THRESHOLD, STOP_THRESHOLD, STOP_TERMINAL, STOP_TERMINAL,
+                                           STOP_THRESHOLD, STOP_HORIZON]
+    assert result.diagnostics["horizon_mean"] == pytest.approx(sum([2, 0, 2, 4, 3, H]) / B)
+
+
+def test_fixed_horizon_ignores_u():
+    u = torch.full((H, B), 100.0)
+    done = torch.zeros(H, B, dtype=torch.bool)
+    actor, critic = _nets()
+    settings = ImprovementSettings(horizon=H, adaptive=False, threshold="absolute", log_threshold=0.0)
+    result = extended_improvement(actor, critic, ScriptedModel(u, done), torch.randn(B, OBS), torch.zeros(B, ACT),
+                                  torch.tensor(0.2), settings)
+    assert (result.horizon == H).all()
+
+
+def test_gradients_reach_the_heads_used_and_none_past_the_longest_rollout():
+    done = torch.zeros(H, B, dtype=torch.bool)
+    done[1, :] = True  # every row ends with a terminal at its second step: heads 0 and 1 act
+    actor, critic = _nets()
+    settings = ImprovementSettings(horizon=H, threshold="absolute", log_threshold=10.0)
+    model = ScriptedModel(torch.zeros(H, B), done)
+    result = extended_improvement(actor, critic, model, torch.randn(B, OBS), torch.zeros(B, ACT), torch.tensor(0.2), settings)
+    result.loss.backward()
+    for linear in actor.net.linears:
+        per_head = linear.weight.grad.abs().flatten(1).sum(1)
+        assert (per_head[:2] > 0).all(), per_head
+        assert (per_head[2:] == 0).all(), per_head
+
+
+def test_actor_update_changes_no_model_or_critic_weight():
+    actor, critic = _nets()
+    model = GaussianEnsemble(OBS, ACT, 4, 2, hidden=16, layers=2)
+    before = {n: p.detach().clone() for n, p in list(model.named_parameters()) + list(critic.named_parameters())}
+    optimizer = torch.optim.Adam(actor.parameters(), lr=1e-2)
+    result = extended_improvement(actor, critic, model, torch.randn(B, OBS), torch.rand(B, ACT) * 2 - 1,
+                                  torch.tensor(0.2), ImprovementSettings(horizon=H))
+    result.loss.backward()
+    assert all(p.grad is None for p in list(model.parameters()) + list(critic.parameters()))
+    optimizer.step()
+    after = dict(list(model.named_parameters()) + list(critic.named_parameters()))
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert all(p.requires_grad for p in list(model.parameters()) + list(critic.parameters()))
+
+
+def _mean_action_distance(beta, steps=60):
+    torch.manual_seed(0)
+    actor, critic = _nets(heads=1)
+    nn.init.zeros_(critic.net.linears[-1].weight)  # a flat critic: only the step's own terms matter
+    target = torch.tensor([0.6, -0.4])
+    model = ScriptedModel(torch.zeros(1, B), torch.zeros(1, B, dtype=torch.bool),
+                          u_of_action=lambda a: ((a - target) ** 2).sum(-1))
+    model.weight.data.fill_(0.0)  # no reward and no state change: the penalty is the only signal
+    optimizer = torch.optim.Adam(actor.parameters(), lr=1e-2)
+    obs = torch.randn(B, OBS)
+    settings = ImprovementSettings(horizon=1, beta=beta, threshold="absolute", log_threshold=10.0, penalty_scale="none")
+    for _ in range(steps):
+        model.t = 0
+        result = extended_improvement(actor, critic, model, obs, torch.zeros(B, ACT), torch.tensor(0.01), settings)
+        optimizer.zero_grad()
+        result.loss.backward()
+        optimizer.step()
+    return (actor.act(obs, deterministic=True) - target).norm(dim=-1).mean().item()
+
+
+def test_penalty_moves_actions_toward_lower_model_error():
+    start = _mean_action_distance(beta=0.0, steps=0)
+    assert _mean_action_distance(beta=1.0) < 0.5 * start
+    assert _mean_action_distance(beta=0.0) > 0.8 * start
+
+
+def test_quantile_threshold_and_median_scale_come_from_the_real_pairs():
+    actor, critic = _nets()
+    model = GaussianEnsemble(OBS, ACT, 4, 2, hidden=16, layers=2)
+    obs, real_action = torch.randn(64, OBS), torch.rand(64, ACT) * 2 - 1
+    result = extended_improvement(actor, critic, model, obs, real_action, torch.tensor(0.2),
+                                  ImprovementSettings(horizon=2, threshold_quantile=0.5))
+    from mpdp_lightning.world_model import ovr_uncertainty
+
+    u_real = ovr_uncertainty(*model(obs, real_action)).detach()
+    torch.testing.assert_close(result.diagnostics["u_threshold"], torch.quantile(u_real, 0.5))
+
+
+@pytest.mark.parametrize("bad", [dict(horizon=0), dict(beta=-0.1), dict(threshold_quantile=0.0), dict(threshold="relative")])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        ImprovementSettings(**bad)
