@@ -118,3 +118,25 @@ def test_world_model_phase_runs_in_training_and_is_checkpointed(in_tmp):
     for key in ("world_model.elites", "world_model.input_norm.mean", "world_model.target_norm.std"):
         assert key in checkpoint["state_dict"], key
     assert len(checkpoint["optimizer_states"]) == 4  # critic, actor, temperature, model
+
+
+def test_short_mpdp_run_on_hopper_logs_its_metrics(in_tmp):
+    main(fit_args(
+        "hopper", 250,
+        "--env_interaction.updates_per_env_step", "2",
+        "--model.ensemble_size", "3", "--model.num_elites", "2", "--model.model_hidden", "32",
+        "--model.model_layers", "2", "--model.model_train_every", "100", "--model.model_max_epochs", "3",
+        "--model.horizon", "3",
+        algo="mpdp",
+    ))
+    client = MlflowClient(tracking_uri())
+    run = _only_run(client)
+    assert run.data.tags["algo"] == "MPDP" and run.info.status == "FINISHED"
+    for metric in ("train/horizon_mean", "train/u_mean", "train/J", "train/critic_loss", "train/actor_loss",
+                   "train/head_grad_norm", "train/stop_threshold", "train/stop_terminal", "train/stop_horizon",
+                   "train/log_u_real_q50", "model/holdout_mse", "model/error_l2", "eval/return"):
+        assert _steps(client, run.info.run_id, metric), metric
+    horizon = client.get_metric_history(run.info.run_id, "train/horizon_mean")
+    assert all(0.0 <= m.value <= 3.0 for m in horizon)
+    header = read_checkpoint_header(in_tmp / "runs/checkpoints" / run.info.run_id / "last.ckpt")
+    assert header.env_steps == 250 and header.updates == 300  # 150 env steps after warm-up, 2 updates each

@@ -1,0 +1,84 @@
+"""MPDP: SAC's policy evaluation, a probabilistic ensemble world model, and the extended
+policy improvement through it (Algorithm 2 of the paper).
+
+Per update: the model phase when due (every ``model_train_every`` env steps), the critic update
+on real data (twin Q, targets with pi_0; D2), the H-step improvement of all actor heads in one
+backward (improvement.py; D1, D3, D4, D7), and the temperature when automatic, driven by pi_0's
+entropy on the real start states (D5). Only pi_0 acts; evaluation and checkpoints expose it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
+from tensordict import TensorDictBase
+
+from mpdp_lightning.improvement import ImprovementSettings, PenaltyScale, ThresholdRule, extended_improvement
+from mpdp_lightning.model_based import ModelBasedSAC
+from mpdp_lightning.policy import SquashedGaussianHeads
+from mpdp_lightning.tasks import task_spaces
+
+
+class MPDP(ModelBasedSAC):
+    """Model-based Planning Distilled to Policy (see ModelBasedSAC and SAC for the other arguments).
+
+    Args:
+        horizon: H_max, the number of actor heads pi_0 .. pi_{H-1} and the longest imagined rollout.
+        beta: weight of the One-vs-Rest penalty in every imagined step's reward.
+        adaptive_horizon: stop imagined rows where u crosses the threshold; False: fixed horizon.
+        threshold: "quantile" (u_T from the batch's real pairs, D3) or "absolute" (log u >= log_threshold).
+        threshold_quantile: the quantile of the "quantile" rule.
+        log_threshold: u_T of the "absolute" rule, in log space (the paper's -5).
+        penalty_scale: "median" (u relative to its median on the real pairs, D7) or "none" (raw u).
+        head_grad_clip: clip the heads' gradient norm to this value (D6); None: no clipping.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        *args: Any,
+        horizon: PositiveInt = 25,
+        beta: NonNegativeFloat = 0.5,
+        adaptive_horizon: bool = True,
+        threshold: ThresholdRule = "quantile",
+        threshold_quantile: PositiveFloat = 0.9,
+        log_threshold: float = -5.0,
+        penalty_scale: PenaltyScale = "median",
+        head_grad_clip: Optional[PositiveFloat] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(task, *args, **kwargs)
+        hp = self.hparams
+        self.improvement = ImprovementSettings(
+            horizon, hp.gamma, beta, adaptive_horizon, threshold, threshold_quantile, log_threshold, penalty_scale
+        )
+        spaces = task_spaces(task)
+        self.actor = SquashedGaussianHeads(
+            spaces.obs_dim, spaces.act_dim, spaces.action_low, spaces.action_high,
+            horizon, hp.hidden, hp.layers, hp.activation,
+        )
+
+    def improve_policy(self, batch: TensorDictBase) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Algorithm 1: one backward of the H-step objective into every head."""
+        result = extended_improvement(
+            self.actor, self.critic, self.world_model, batch["obs"], batch["action"],
+            self.temperature.alpha, self.improvement,
+        )
+        actor_optimizer = self.optimizer("actor")
+        actor_optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(result.loss)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.actor.parameters() if p.grad is not None])
+        if self.hparams.head_grad_clip is not None:
+            self.clip_gradients(actor_optimizer, gradient_clip_val=self.hparams.head_grad_clip, gradient_clip_algorithm="norm")
+        actor_optimizer.step()
+        metrics = {f"train/{name}": value for name, value in result.diagnostics.items()}
+        metrics.update(
+            {
+                "train/actor_loss": result.loss.detach(),
+                "train/entropy": -result.pi0_log_prob.mean(),
+                "train/head_grad_norm": grad_norm,
+            }
+        )
+        return metrics, result.pi0_log_prob
