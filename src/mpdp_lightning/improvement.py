@@ -127,18 +127,26 @@ def extended_improvement(
     imagined_u = []
     state = obs
     zero = torch.zeros((), device=obs.device)
+    # The (s_t, a_t) where each row crossed the threshold, gathered over the steps, so that the
+    # critic runs once for all stopped rows after the loop instead of once per step.
+    stop_state, stop_action = torch.zeros_like(obs), None
+    stop_discounted_log_prob = torch.zeros(batch, device=obs.device)
+    stop_discount = torch.zeros(batch, device=obs.device)
     with frozen(model), frozen(critic):
         for t in range(settings.horizon):
             action, log_prob = actor.sample(state, head=t)
             if t == 0:
                 pi0_log_prob = log_prob.detach()
+                stop_action = torch.zeros_like(action)
             step = model.step(state, action)
             imagined_u.append(step.u.detach())
             discount = settings.gamma**t
             unreliable = alive & (step.u >= threshold) if settings.adaptive else torch.zeros_like(alive)
             # D1: a row stopped by u ends with the soft Q of its unreliable pair, no model step
-            soft_q = critic(state, action).min(dim=0).values - alpha * log_prob
-            objective = objective + torch.where(unreliable, discount * soft_q, zero)
+            stop_state = torch.where(unreliable.unsqueeze(-1), state, stop_state)
+            stop_action = torch.where(unreliable.unsqueeze(-1), action, stop_action)
+            stop_discounted_log_prob = torch.where(unreliable, discount * log_prob, stop_discounted_log_prob)
+            stop_discount = torch.where(unreliable, discount, stop_discount)
             going = alive & ~unreliable
             reward = step.reward - alpha * log_prob - settings.beta * step.u / scale
             objective = objective + torch.where(going, discount * reward, zero)
@@ -148,6 +156,9 @@ def extended_improvement(
             alive = going & ~step.done
             # ended rows keep their last state, cut from the graph: they only run along masked
             state = torch.where(alive.unsqueeze(-1), step.next_obs, state.detach())
+        stopped = stop_reason == STOP_THRESHOLD
+        stop_q = critic(stop_state, stop_action).min(dim=0).values
+        objective = objective + torch.where(stopped, stop_discount * stop_q - alpha * stop_discounted_log_prob, zero)
         final_action, final_log_prob = actor.sample(state, head=0)
         value = critic(state, final_action).min(dim=0).values - alpha * final_log_prob
         objective = objective + torch.where(alive, settings.gamma**settings.horizon * value, zero)
