@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TASK ?= walker2d
-ALGO ?= sac
+ALGO ?= mpdp
+PRESET ?= auto
 ARGS ?=
 RESUME ?=
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -17,12 +18,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-# make train TASK=hopper ALGO=sac ARGS="--model.gamma 0.98" [RESUME=runs/checkpoints/<run>/last.ckpt]
+# make train TASK=hopper [ALGO=mpdp|sac] [PRESET=auto|quick|paper] ARGS="--model.beta 0.7"
+#            [RESUME=runs/checkpoints/<run>/last.ckpt]
+# MPDP runs the paper preset where torch sees a GPU and the quick preset on a CPU-only machine.
 train: install
 	@test -f conf/task/$(TASK).yaml || { echo "error: unknown task '$(TASK)'; known tasks: $$(ls conf/task | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
 	@test -f conf/algo/$(ALGO).yaml || { echo "error: unknown algo '$(ALGO)'; known algos: $$(ls conf/algo | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
-	$(PY) -m mpdp_lightning fit --config conf/base.yaml --config conf/algo/$(ALGO).yaml \
-		--config conf/task/$(TASK).yaml $(if $(RESUME),--ckpt_path $(RESUME)) $(ARGS)
+	@preset=$(PRESET); \
+	if [ "$$preset" = auto ]; then preset=$$($(PY) -c "import torch; print('paper' if torch.cuda.is_available() else 'quick')"); fi; \
+	test -f conf/preset/$$preset.yaml || { echo "error: unknown preset '$$preset'; known presets: auto $$(ls conf/preset | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }; \
+	preset_config=; \
+	if [ "$(ALGO)" = mpdp ]; then \
+		echo "MPDP on $(TASK), $$preset preset ($$(sed -n 's/^# expected: //p' conf/preset/$$preset.yaml))"; \
+		preset_config="--config conf/preset/$$preset.yaml"; \
+	fi; \
+	set -x; $(PY) -m mpdp_lightning fit --config conf/base.yaml --config conf/algo/$(ALGO).yaml \
+		--config conf/task/$(TASK).yaml $$preset_config $(if $(RESUME),--ckpt_path $(RESUME)) $(ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

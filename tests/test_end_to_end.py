@@ -1,6 +1,7 @@
 """Short real runs through the command line: SAC on hopper with MLflow logging, an interrupted
 run resumed from its checkpoint, and a diverging run stopped with its last good checkpoint."""
 
+import json
 import signal
 
 import pytest
@@ -136,7 +137,13 @@ def test_short_mpdp_run_on_hopper_logs_its_metrics(in_tmp):
                    "train/head_grad_norm", "train/stop_threshold", "train/stop_terminal", "train/stop_horizon",
                    "train/log_u_real_q50", "model/holdout_mse", "model/error_l2", "eval/return"):
         assert _steps(client, run.info.run_id, metric), metric
+    for metric in ("time/critic_seconds", "time/policy_seconds", "time/model_seconds"):
+        assert _steps(client, run.info.run_id, metric), metric
     horizon = client.get_metric_history(run.info.run_id, "train/horizon_mean")
     assert all(0.0 <= m.value <= 3.0 for m in horizon)
+    histogram = json.load(open(client.download_artifacts(run.info.run_id, "horizon_histogram.json", str(in_tmp))))
+    assert set(histogram) == {str(m.step) for m in horizon}
+    # H + 1 bins; every update adds its 32 rows
+    assert all(len(counts) == 4 and sum(counts) > 0 and sum(counts) % 32 == 0 for counts in histogram.values())
     header = read_checkpoint_header(in_tmp / "runs/checkpoints" / run.info.run_id / "last.ckpt")
     assert header.env_steps == 250 and header.updates == 300  # 150 env steps after warm-up, 2 updates each

@@ -9,7 +9,9 @@ optimization Lightning's ``global_step`` counts optimizer steps and is not the c
 from __future__ import annotations
 
 import math
-from typing import Mapping
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -73,3 +75,41 @@ def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
         return
     for logger in trainer.loggers:
         logger.log_metrics(dict(metrics), step=step)
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase, averaged per update between log points (``time/<phase>_seconds``).
+
+    Host-side timing: exact on the CPU; on a GPU, without synchronisation, it measures the time to
+    queue the phase's kernels, so the slow phase shows up where the queue fills.
+    """
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+        self._updates = 0
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def count_update(self) -> None:
+        self._updates += 1
+
+    def pop_means(self) -> dict[str, float]:
+        means = {f"time/{name}_seconds": total / max(self._updates, 1) for name, total in self._seconds.items()}
+        self._seconds.clear()
+        self._updates = 0
+        return means
+
+
+def log_json_artifact(trainer: pl.Trainer, data: Any, name: str) -> None:
+    """Write ``data`` as the JSON artifact ``name`` of every MLflow run of ``trainer`` (overwriting)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.log_dict(logger.run_id, data, name)

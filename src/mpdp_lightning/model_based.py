@@ -137,7 +137,8 @@ class ModelBasedSAC(SAC):
 
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
         if self.model_is_due():
-            self.train_world_model()
+            with self.timer.phase("model"):
+                self.train_world_model()
         super().training_step(batch, batch_idx)
 
     # ---- checkpoint ----------------------------------------------------------------------------

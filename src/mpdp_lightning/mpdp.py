@@ -13,9 +13,11 @@ from typing import Any, Optional
 
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
+from lightning.pytorch.utilities import rank_zero_warn
 from tensordict import TensorDictBase
 
 from mpdp_lightning.improvement import ImprovementSettings, PenaltyScale, ThresholdRule, extended_improvement
+from mpdp_lightning.metrics import log_json_artifact
 from mpdp_lightning.model_based import ModelBasedSAC
 from mpdp_lightning.policy import SquashedGaussianHeads
 from mpdp_lightning.tasks import task_spaces
@@ -59,6 +61,10 @@ class MPDP(ModelBasedSAC):
             spaces.obs_dim, spaces.act_dim, spaces.action_low, spaces.action_high,
             horizon, hp.hidden, hp.layers, hp.activation,
         )
+        # rows per horizon value (0 .. H) since the last log point, and the history of windows
+        self.horizon_counts = torch.zeros(horizon + 1, dtype=torch.long)
+        self.horizon_history: dict[int, list[int]] = {}
+        self._sac_windows = 0  # consecutive log windows in which every row stopped at its first step
 
     def improve_policy(self, batch: TensorDictBase) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Algorithm 1: one backward of the H-step objective into every head."""
@@ -73,6 +79,9 @@ class MPDP(ModelBasedSAC):
         if self.hparams.head_grad_clip is not None:
             self.clip_gradients(actor_optimizer, gradient_clip_val=self.hparams.head_grad_clip, gradient_clip_algorithm="norm")
         actor_optimizer.step()
+        if self.horizon_counts.device != result.horizon.device:
+            self.horizon_counts = self.horizon_counts.to(result.horizon.device)
+        self.horizon_counts += torch.bincount(result.horizon, minlength=self.improvement.horizon + 1)
         metrics = {f"train/{name}": value for name, value in result.diagnostics.items()}
         metrics.update(
             {
@@ -82,3 +91,32 @@ class MPDP(ModelBasedSAC):
             }
         )
         return metrics, result.pi0_log_prob
+
+    def window_metrics(self) -> dict[str, float]:
+        """Adds the horizon histogram of the window to the run's ``horizon_histogram.json``
+        artifact ({env step: rows per horizon 0..H}, the data of the paper's Fig. 2), and warns
+        when every imagined row keeps stopping at its first step: MPDP has then become SAC."""
+        metrics = super().window_metrics()
+        counts = self.horizon_counts.tolist()
+        self.horizon_counts.zero_()
+        if sum(counts) and self.trainer is not None:
+            self.horizon_history[self.env_steps] = counts
+            log_json_artifact(self.trainer, {str(k): v for k, v in self.horizon_history.items()}, "horizon_histogram.json")
+        if metrics.get("train/stopped_at_first_step") == 1.0:
+            self._sac_windows += 1
+            if self._sac_windows == 3:
+                rank_zero_warn(
+                    "every imagined rollout has stopped at its first step for 3 log windows: the horizon is 0 "
+                    "and MPDP is training as SAC (check --model.threshold and --model.threshold_quantile)"
+                )
+        else:
+            self._sac_windows = 0
+        return metrics
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["horizon_history"] = {int(k): v for k, v in self.horizon_history.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.horizon_history = {int(k): list(v) for k, v in checkpoint.get("horizon_history", {}).items()}

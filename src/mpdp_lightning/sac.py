@@ -19,7 +19,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from tensordict import TensorDictBase
 
-from mpdp_lightning.metrics import MetricAccumulator
+from mpdp_lightning.metrics import MetricAccumulator, PhaseTimer
 from mpdp_lightning.policy import SquashedGaussianHeads, Temperature, TwinQ
 from mpdp_lightning.sac_losses import actor_loss, critic_loss, temperature_loss
 from mpdp_lightning.tasks import get_task, task_spaces
@@ -91,6 +91,7 @@ class SAC(pl.LightningModule):
         self.env_steps = 0
         self.updates = 0
         self.train_metrics = MetricAccumulator()
+        self.timer = PhaseTimer()
 
     # ---- acting (used by the callbacks) -------------------------------------------------
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
@@ -151,12 +152,20 @@ class SAC(pl.LightningModule):
         return metrics
 
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
-        metrics = self.update_critic(batch)
-        policy_metrics, log_prob = self.improve_policy(batch)
+        with self.timer.phase("critic"):
+            metrics = self.update_critic(batch)
+        with self.timer.phase("policy"):
+            policy_metrics, log_prob = self.improve_policy(batch)
+        with self.timer.phase("temperature"):
+            metrics.update(self.update_temperature(log_prob))
         metrics.update(policy_metrics)
-        metrics.update(self.update_temperature(log_prob))
         self.train_metrics.add(metrics)
+        self.timer.count_update()
         self.updates += 1
+
+    def window_metrics(self) -> dict[str, float]:
+        """Means of the train metrics and phase times since the last log point (one host sync)."""
+        return {**self.train_metrics.pop_means(), **self.timer.pop_means()}
 
     def raise_if_not_finite(self) -> None:
         """Stop with a message naming the phase whose loss went NaN or inf (host sync: call rarely)."""

@@ -145,7 +145,7 @@ class EnvInteraction(Callback):
     def log_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the train metrics since the last log point (and check the losses are finite)."""
         pl_module.raise_if_not_finite()
-        metrics = pl_module.train_metrics.pop_means()
+        metrics = pl_module.window_metrics()
         steps0, t0 = self._window_start
         now = time.perf_counter()
         if pl_module.env_steps > steps0:
