@@ -97,11 +97,11 @@ def uncertainty_calibration(
         if settings.threshold == "quantile":
             threshold = torch.quantile(u_real, settings.threshold_quantile)
         else:
-            threshold = torch.tensor(math.exp(settings.log_threshold), device=obs.device)
+            threshold = obs.new_full((), math.exp(settings.log_threshold))  # a fill: no host-to-device copy
         if settings.penalty_scale == "median":
             scale = u_real.median().clamp_min(1e-8)
         else:
-            scale = torch.ones((), device=obs.device)
+            scale = obs.new_ones(())
     return u_real, threshold, scale
 
 
@@ -165,7 +165,7 @@ def extended_improvement(
 
     imagined = torch.stack(imagined_u)  # [H, B]
     log_u_real = u_real.clamp_min(1e-12).log()
-    quantiles = torch.quantile(log_u_real, torch.tensor([0.1, 0.5, 0.9], device=obs.device))
+    quantiles = [torch.quantile(log_u_real, q) for q in (0.1, 0.5, 0.9)]  # float q: no copy to the device
     horizon_f = horizon.float()
     diagnostics = {
         "J": objective.detach().mean(),

@@ -81,7 +81,8 @@ class MPDP(ModelBasedSAC):
         actor_optimizer.step()
         if self.horizon_counts.device != result.horizon.device:
             self.horizon_counts = self.horizon_counts.to(result.horizon.device)
-        self.horizon_counts += torch.bincount(result.horizon, minlength=self.improvement.horizon + 1)
+        # scatter_add rather than bincount, which synchronises with the host on CUDA to size its output
+        self.horizon_counts.scatter_add_(0, result.horizon, torch.ones_like(result.horizon))
         metrics = {f"train/{name}": value for name, value in result.diagnostics.items()}
         metrics.update(
             {
