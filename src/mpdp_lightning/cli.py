@@ -1,5 +1,6 @@
-"""Command line: ``mpdp fit --config conf/base.yaml --config conf/algo/sac.yaml --config
-conf/task/hopper.yaml --model.gamma 0.98`` (``make train`` composes exactly this).
+"""Command line: ``mpdp fit --config conf/base.yaml --config conf/algo/mpdp.yaml --config
+conf/task/hopper.yaml [--config conf/preset/quick.yaml] --model.gamma 0.98`` (``make train``
+composes exactly this, adding MPDP's preset).
 
 A LightningCLI in omegaconf+ mode: later ``--config`` files override earlier ones, every field
 can be overridden on the command line, and ``${...}`` interpolations see those overrides. The
