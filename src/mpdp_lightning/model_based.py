@@ -16,6 +16,7 @@ import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from tensordict import TensorDictBase
 
+from mpdp_lightning.clock import passed_multiple
 from mpdp_lightning.errors import NonFiniteLossError
 from mpdp_lightning.metrics import log_metrics
 from mpdp_lightning.sac import SAC
@@ -82,8 +83,9 @@ class ModelBasedSAC(SAC):
     # ---- the model phase ---------------------------------------------------------------------
     def model_is_due(self) -> bool:
         # first on the first update, then at multiples of model_train_every env steps
-        every = self.hparams.model_train_every
-        return self.model_trained_at is None or self.env_steps // every > self.model_trained_at // every
+        return self.model_trained_at is None or passed_multiple(
+            self.model_trained_at, self.env_steps, self.hparams.model_train_every
+        )
 
     def train_world_model(self) -> dict[str, float]:
         """Fit the ensemble on every stored transition; log model/* against env steps."""

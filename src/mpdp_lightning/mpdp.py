@@ -19,8 +19,6 @@ from tensordict import TensorDictBase
 from mpdp_lightning.improvement import ImprovementSettings, PenaltyScale, ThresholdRule, extended_improvement
 from mpdp_lightning.metrics import log_json_artifact
 from mpdp_lightning.model_based import ModelBasedSAC
-from mpdp_lightning.policy import SquashedGaussianHeads
-from mpdp_lightning.tasks import task_spaces
 
 
 class MPDP(ModelBasedSAC):
@@ -56,13 +54,10 @@ class MPDP(ModelBasedSAC):
         self.improvement = ImprovementSettings(
             horizon, hp.gamma, beta, adaptive_horizon, threshold, threshold_quantile, log_threshold, penalty_scale
         )
-        spaces = task_spaces(task)
-        self.actor = SquashedGaussianHeads(
-            spaces.obs_dim, spaces.act_dim, spaces.action_low, spaces.action_high,
-            horizon, hp.hidden, hp.layers, hp.activation,
-        )
-        # rows per horizon value (0 .. H) since the last log point, and the history of windows
-        self.horizon_counts = torch.zeros(horizon + 1, dtype=torch.long)
+        self.actor = self.build_actor(heads=horizon)  # pi_0 .. pi_{H-1}; pi_0 acts
+        # rows per horizon value (0 .. H) since the last log point (a buffer: it follows the
+        # module's device), and the history of windows
+        self.register_buffer("horizon_counts", torch.zeros(horizon + 1, dtype=torch.long), persistent=False)
         self.horizon_history: dict[int, list[int]] = {}
         self._sac_windows = 0  # consecutive log windows in which every row stopped at its first step
 
@@ -79,8 +74,6 @@ class MPDP(ModelBasedSAC):
         if self.hparams.head_grad_clip is not None:
             self.clip_gradients(actor_optimizer, gradient_clip_val=self.hparams.head_grad_clip, gradient_clip_algorithm="norm")
         actor_optimizer.step()
-        if self.horizon_counts.device != result.horizon.device:
-            self.horizon_counts = self.horizon_counts.to(result.horizon.device)
         # scatter_add rather than bincount, which synchronises with the host on CUDA to size its output
         self.horizon_counts.scatter_add_(0, result.horizon, torch.ones_like(result.horizon))
         metrics = {f"train/{name}": value for name, value in result.diagnostics.items()}

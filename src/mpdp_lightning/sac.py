@@ -81,9 +81,7 @@ class SAC(pl.LightningModule):
         self.task = task
         self.obs_dim, self.act_dim = spaces.obs_dim, spaces.act_dim
         self.target_entropy = float(-spaces.act_dim if target_entropy is None else target_entropy)
-        self.actor = SquashedGaussianHeads(
-            spaces.obs_dim, spaces.act_dim, spaces.action_low, spaces.action_high, 1, hidden, layers, activation
-        )
+        self.actor = self.build_actor(heads=1)
         self.critic = TwinQ(spaces.obs_dim, spaces.act_dim, hidden, layers, activation)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.temperature = Temperature(alpha, learnable=auto_alpha)
@@ -92,6 +90,13 @@ class SAC(pl.LightningModule):
         self.updates = 0
         self.train_metrics = MetricAccumulator()
         self.timer = PhaseTimer()
+
+    def build_actor(self, heads: int) -> SquashedGaussianHeads:
+        """``heads`` squashed-Gaussian policies sized for the task (SAC: 1; MPDP: H)."""
+        hp, spaces = self.hparams, task_spaces(self.task)
+        return SquashedGaussianHeads(
+            spaces.obs_dim, spaces.act_dim, spaces.action_low, spaces.action_high, heads, hp.hidden, hp.layers, hp.activation
+        )
 
     # ---- acting (used by the callbacks) -------------------------------------------------
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:

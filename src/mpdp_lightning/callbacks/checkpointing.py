@@ -24,6 +24,8 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mpdp_lightning.clock import passed_multiple
+
 LAST = "last.ckpt"
 
 
@@ -103,7 +105,7 @@ class EnvStepCheckpoint(Checkpoint):
             self.save(trainer, pl_module)
             self._restore_sigint()
             raise KeyboardInterrupt  # Lightning marks the run interrupted and exits
-        if pl_module.env_steps // self.checkpoint_every > self.last_saved_step // self.checkpoint_every:
+        if passed_multiple(self.last_saved_step, pl_module.env_steps, self.checkpoint_every):
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

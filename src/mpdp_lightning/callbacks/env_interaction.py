@@ -20,7 +20,6 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 from tensordict import TensorDict
 
-from mpdp_lightning.data import ReplayDataModule
 from mpdp_lightning.metrics import log_metrics
 from mpdp_lightning.tasks import make_env
 

@@ -11,6 +11,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
 from mpdp_lightning.callbacks.env_interaction import global_seed
+from mpdp_lightning.clock import passed_multiple
 from mpdp_lightning.metrics import log_metrics
 from mpdp_lightning.tasks import make_env
 
@@ -48,8 +49,7 @@ class Evaluation(Callback):
         self.envs = []
 
     def _due(self, env_steps: int) -> bool:
-        # on multiples of eval_every, so that runs with different warm-ups line up
-        return env_steps // self.eval_every > self.last_eval_step // self.eval_every
+        return passed_multiple(self.last_eval_step, env_steps, self.eval_every)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(pl_module.env_steps):  # the warm-up ended on a multiple: the untrained policy
