@@ -19,6 +19,9 @@ def small_store(in_tmp):
         run = client.create_run(experiment_id, run_name=name, tags={"task": "hopper", "algo": "SAC"})
         for step, value in zip([1000, 2000, 3000], returns):
             client.log_metric(run.info.run_id, "eval/return", value, step=step)
+            if name == "hopper-0":  # an MPDP run: its horizon and model error too
+                client.log_metric(run.info.run_id, "train/horizon_mean", 5.0, step=step)
+                client.log_metric(run.info.run_id, "model/error_l2", 0.1, step=step)
         client.set_terminated(run.info.run_id)
     return uri
 
@@ -45,7 +48,8 @@ def test_notebook_runs_on_a_small_store(small_store, monkeypatch):
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     assert any("2 runs, 6 evaluations" in out.get("text", "") for out in outputs)
-    assert any("image/png" in out.get("data", {}) for out in outputs), "the notebook drew no figure"
+    figures = sum("image/png" in out.get("data", {}) for out in outputs)
+    assert figures == 2, f"the notebook drew {figures} figures, not the return and MPDP's diagnostics"
     lines = [line for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
              for line in out.get("data", {}).get("text/plain", "").splitlines()]
     assert any("hopper-0" in line for line in lines)
