@@ -5,10 +5,7 @@ From the batch's real start states, head t samples a_t ~ pi_t(.|s_t) (reparamete
 frozen model gives s_{t+1}, r_t, the terminal flag and the One-vs-Rest error u_t = u(s_t, a_t),
 and each row accumulates
 
-    J = sum_t gamma^t (r_t - alpha log pi_t(a_t|s_t) - beta (u_t - offset) / scale) + end term,
-
-with scale the median of u over the batch's real pairs and offset that same median ("centered",
-the default), 0 ("median", D7 as written) or scale 1 and offset 0 ("none", the paper's raw u).
+    J = sum_t gamma^t (r_t - alpha log pi_t(a_t|s_t) - beta u_t / scale) + end term.
 
 A row ends (D1):
 - where u_t crosses the threshold (tested before the model step is used): it adds
@@ -37,7 +34,7 @@ from mpdp_lightning.policy import SquashedGaussianHeads, TwinQ, frozen
 from mpdp_lightning.world_model import GaussianEnsemble, ovr_uncertainty
 
 ThresholdRule = Literal["quantile", "absolute"]
-PenaltyScale = Literal["centered", "median", "none"]
+PenaltyScale = Literal["median", "none"]
 
 
 @dataclass(frozen=True)
@@ -46,18 +43,15 @@ class ImprovementSettings:
 
     horizon: H_max, the number of actor heads and the longest imagined rollout.
     gamma: discount.
-    beta: weight of the OvR penalty -beta * (u - offset) / scale in every step's reward.
+    beta: weight of the OvR penalty -beta * u / scale in every step's reward.
     adaptive: stop rows where u crosses the threshold; False gives a fixed horizon (only
         predicted terminals end rows early).
     threshold: "quantile" (D3): u_T is the ``threshold_quantile`` quantile of u over the batch's
         real (s, a) pairs; "absolute": the paper's literal rule, stop where log u >= ``log_threshold``.
     threshold_quantile: q of the quantile rule.
     log_threshold: u_T of the absolute rule, in log space (the paper's -5).
-    penalty_scale: "centered" (default): (u - m) / m with m the median of u over the batch's real
-        pairs: beta means the same on every task (D7), and a pair as reliable as typical real
-        data costs nothing, so the penalty no longer makes a predicted terminal (which ends the
-        sum of penalties) look better than staying alive; "median" (D7 as written): u / m,
-        always positive; "none": the paper's raw u.
+    penalty_scale: "median" (D7): u is divided by its median over the batch's real pairs before
+        beta applies, so beta means the same on every task; "none": raw u.
     """
 
     horizon: int = 25
@@ -67,7 +61,7 @@ class ImprovementSettings:
     threshold: ThresholdRule = "quantile"
     threshold_quantile: float = 0.9
     log_threshold: float = -5.0
-    penalty_scale: PenaltyScale = "centered"
+    penalty_scale: PenaltyScale = "median"
 
     def __post_init__(self) -> None:
         if self.horizon < 1:
@@ -78,8 +72,8 @@ class ImprovementSettings:
             raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}")
         if self.threshold not in ("quantile", "absolute"):
             raise ValueError(f"threshold must be 'quantile' or 'absolute', got {self.threshold!r}")
-        if self.penalty_scale not in ("centered", "median", "none"):
-            raise ValueError(f"penalty_scale must be 'centered', 'median' or 'none', got {self.penalty_scale!r}")
+        if self.penalty_scale not in ("median", "none"):
+            raise ValueError(f"penalty_scale must be 'median' or 'none', got {self.penalty_scale!r}")
 
 
 @dataclass
@@ -96,22 +90,19 @@ STOP_THRESHOLD, STOP_TERMINAL, STOP_HORIZON = 0, 1, 2
 
 def uncertainty_calibration(
     model: GaussianEnsemble, obs: torch.Tensor, action: torch.Tensor, settings: ImprovementSettings
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """u on the batch's real pairs, the stopping threshold, and the penalty's offset and scale
-    (no gradient)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """u on the batch's real pairs, the stopping threshold and the penalty scale (no gradient)."""
     with torch.no_grad():
         u_real = ovr_uncertainty(*model(obs, action))
         if settings.threshold == "quantile":
             threshold = torch.quantile(u_real, settings.threshold_quantile)
         else:
             threshold = obs.new_full((), math.exp(settings.log_threshold))  # a fill: no host-to-device copy
-        if settings.penalty_scale == "none":
-            offset, scale = obs.new_zeros(()), obs.new_ones(())
+        if settings.penalty_scale == "median":
+            scale = u_real.median().clamp_min(1e-8)
         else:
-            median = u_real.median()
-            offset = median if settings.penalty_scale == "centered" else torch.zeros_like(median)
-            scale = median.clamp_min(1e-8)
-    return u_real, threshold, offset, scale
+            scale = obs.new_ones(())
+    return u_real, threshold, scale
 
 
 def extended_improvement(
@@ -128,7 +119,7 @@ def extended_improvement(
     if actor.heads < settings.horizon:
         raise ValueError(f"the actor has {actor.heads} heads, fewer than the horizon {settings.horizon}")
     batch = obs.shape[0]
-    u_real, threshold, offset, scale = uncertainty_calibration(model, obs, real_action, settings)
+    u_real, threshold, scale = uncertainty_calibration(model, obs, real_action, settings)
     alive = torch.ones(batch, dtype=torch.bool, device=obs.device)
     stop_reason = torch.full((batch,), STOP_HORIZON, dtype=torch.long, device=obs.device)
     horizon = torch.zeros(batch, dtype=torch.long, device=obs.device)
@@ -157,7 +148,7 @@ def extended_improvement(
             stop_discounted_log_prob = torch.where(unreliable, discount * log_prob, stop_discounted_log_prob)
             stop_discount = torch.where(unreliable, discount, stop_discount)
             going = alive & ~unreliable
-            reward = step.reward - alpha * log_prob - settings.beta * (step.u - offset) / scale
+            reward = step.reward - alpha * log_prob - settings.beta * step.u / scale
             objective = objective + torch.where(going, discount * reward, zero)
             terminal = going & step.done
             stop_reason = torch.where(unreliable, STOP_THRESHOLD, torch.where(terminal, STOP_TERMINAL, stop_reason))

@@ -31,8 +31,7 @@ class MPDP(ModelBasedSAC):
         threshold: "quantile" (u_T from the batch's real pairs, D3) or "absolute" (log u >= log_threshold).
         threshold_quantile: the quantile of the "quantile" rule.
         log_threshold: u_T of the "absolute" rule, in log space (the paper's -5).
-        penalty_scale: "centered" ((u - m) / m, m the median of u on the batch's real pairs: real-like
-            pairs cost nothing, so dying does not pay), "median" (u / m, D7 as written) or "none" (raw u).
+        penalty_scale: "median" (u relative to its median on the real pairs, D7) or "none" (raw u).
         head_grad_clip: clip the heads' gradient norm to this value (D6); None: no clipping.
     """
 
@@ -46,7 +45,7 @@ class MPDP(ModelBasedSAC):
         threshold: ThresholdRule = "quantile",
         threshold_quantile: PositiveFloat = 0.9,
         log_threshold: float = -5.0,
-        penalty_scale: PenaltyScale = "centered",
+        penalty_scale: PenaltyScale = "median",
         head_grad_clip: Optional[PositiveFloat] = None,
         **kwargs: Any,
     ) -> None:
