@@ -15,7 +15,7 @@ from mpdp_lightning.improvement import (
 )
 from mpdp_lightning.policy import SquashedGaussianHeads, TwinQ
 from mpdp_lightning.sac_losses import actor_loss
-from mpdp_lightning.world_model import GaussianEnsemble, ModelStep
+from mpdp_lightning.world_model import GaussianEnsemble, ModelStep, ovr_uncertainty
 
 OBS, ACT, B, H = 3, 2, 6, 5
 
@@ -30,15 +30,17 @@ class ScriptedModel(nn.Module):
     """A stand-in world model whose u and terminal flags follow a script [H, B]; its next state
     and reward are smooth functions of (s, a), and u can add a differentiable term in a."""
 
-    def __init__(self, u_script, done_script, u_of_action=None):
+    def __init__(self, u_script, done_script, u_of_action=None, real_spread=0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.tensor(0.5))
         self.u_script, self.done_script, self.u_of_action = u_script, done_script, u_of_action
+        self.real_spread = real_spread
         self.t = 0
 
-    def forward(self, obs, action):  # calibration: 3 identical members -> u = 0 on real pairs
-        stats = torch.zeros(3, obs.shape[0], OBS + 1)
-        return stats, stats
+    def forward(self, obs, action):  # calibration: 3 members, u on real pairs is 0 unless they spread
+        mean = torch.zeros(3, obs.shape[0], OBS + 1)
+        mean[2] += self.real_spread
+        return mean, torch.zeros_like(mean)
 
     def step(self, obs, action):
         t = min(self.t, len(self.u_script) - 1)
@@ -152,19 +154,40 @@ def test_penalty_moves_actions_toward_lower_model_error():
     assert _mean_action_distance(beta=0.0) > 0.8 * start
 
 
+@pytest.mark.parametrize("rule", ["median", "none"])
+def test_penalty_is_measured_against_u_on_the_real_pairs(rule):
+    # every imagined pair has exactly the u of the real pairs, m: u / m is 1 per step under the
+    # median rule, and the raw rule charges m itself
+    spread = ScriptedModel(None, None, real_spread=1.0)
+    m = ovr_uncertainty(*spread(torch.zeros(B, OBS), torch.zeros(B, ACT)))[0].item()
+    per_step = 1.0 if rule == "median" else m
+    u, done = torch.full((H, B), m), torch.zeros(H, B, dtype=torch.bool)
+    actor, critic = _nets()
+    obs = torch.randn(B, OBS)
+
+    def loss(beta):
+        torch.manual_seed(3)
+        settings = ImprovementSettings(horizon=H, beta=beta, adaptive=False, penalty_scale=rule)
+        model = ScriptedModel(u, done, real_spread=1.0)
+        return extended_improvement(actor, critic, model, obs, torch.zeros(B, ACT), torch.tensor(0.2), settings).loss
+
+    gamma = ImprovementSettings().gamma
+    assert m > 1.0
+    torch.testing.assert_close(loss(0.5), loss(0.0) + 0.5 * per_step * sum(gamma**t for t in range(H)))
+
+
 def test_quantile_threshold_and_median_scale_come_from_the_real_pairs():
     actor, critic = _nets()
     model = GaussianEnsemble(OBS, ACT, 4, 2, hidden=16, layers=2)
     obs, real_action = torch.randn(64, OBS), torch.rand(64, ACT) * 2 - 1
     result = extended_improvement(actor, critic, model, obs, real_action, torch.tensor(0.2),
                                   ImprovementSettings(horizon=2, threshold_quantile=0.5))
-    from mpdp_lightning.world_model import ovr_uncertainty
-
     u_real = ovr_uncertainty(*model(obs, real_action)).detach()
     torch.testing.assert_close(result.diagnostics["u_threshold"], torch.quantile(u_real, 0.5))
 
 
-@pytest.mark.parametrize("bad", [dict(horizon=0), dict(beta=-0.1), dict(threshold_quantile=0.0), dict(threshold="relative")])
+@pytest.mark.parametrize("bad", [dict(horizon=0), dict(beta=-0.1), dict(threshold_quantile=0.0), dict(threshold="relative"),
+                                 dict(penalty_scale="centered")])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         ImprovementSettings(**bad)

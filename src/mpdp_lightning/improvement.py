@@ -51,7 +51,9 @@ class ImprovementSettings:
     threshold_quantile: q of the quantile rule.
     log_threshold: u_T of the absolute rule, in log space (the paper's -5).
     penalty_scale: "median" (D7): u is divided by its median over the batch's real pairs before
-        beta applies, so beta means the same on every task; "none": raw u.
+        beta applies, so beta means the same on every task; "none": raw u. Only the scale
+        matters: where a row stops is not differentiable, so subtracting a per-step constant
+        from u (say, making the penalty 0 on typical real pairs) changes J but not one gradient.
     """
 
     horizon: int = 25
