@@ -187,7 +187,7 @@ def test_quantile_threshold_and_median_scale_come_from_the_real_pairs():
 
 
 @pytest.mark.parametrize("bad", [dict(horizon=0), dict(beta=-0.1), dict(threshold_quantile=0.0), dict(threshold="relative"),
-                                 dict(penalty_scale="centered")])
+                                 dict(penalty_scale="mean")])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         ImprovementSettings(**bad)
