@@ -13,6 +13,13 @@ from mpdp_lightning.checkpoint_io import read_checkpoint_header
 from mpdp_lightning.cli import main
 
 
+# A world model small enough for a few seconds of CPU, refitted every 100 env steps
+TINY_WORLD_MODEL = (
+    "--model.ensemble_size", "3", "--model.num_elites", "2", "--model.model_hidden", "32",
+    "--model.model_layers", "2", "--model.model_train_every", "100",
+)
+
+
 def _only_run(client):
     experiment = client.get_experiment_by_name("mpdp")
     runs = client.search_runs([experiment.experiment_id])
@@ -104,8 +111,7 @@ def test_world_model_phase_runs_in_training_and_is_checkpointed(in_tmp):
     main(fit_args(
         "hopper", 300,
         "--model", "mpdp_lightning.model_based.ModelBasedSAC",
-        "--model.ensemble_size", "3", "--model.num_elites", "2", "--model.model_hidden", "32",
-        "--model.model_layers", "2", "--model.model_train_every", "100", "--model.model_max_epochs", "5",
+        *TINY_WORLD_MODEL, "--model.model_max_epochs", "5",
     ))
     client = MlflowClient(tracking_uri())
     run_id = _only_run(client).info.run_id
@@ -125,8 +131,7 @@ def test_short_mpdp_run_on_hopper_logs_its_metrics(in_tmp):
     main(fit_args(
         "hopper", 250,
         "--env_interaction.updates_per_env_step", "2",
-        "--model.ensemble_size", "3", "--model.num_elites", "2", "--model.model_hidden", "32",
-        "--model.model_layers", "2", "--model.model_train_every", "100", "--model.model_max_epochs", "3",
+        *TINY_WORLD_MODEL, "--model.model_max_epochs", "3",
         "--model.horizon", "3",
         algo="mpdp",
     ))
