@@ -8,7 +8,6 @@ optimization Lightning's ``global_step`` counts optimizer steps and is not the c
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
@@ -16,7 +15,6 @@ from typing import Any, Iterator, Mapping
 import lightning.pytorch as pl
 import torch
 
-from mpdp_lightning.errors import NonFiniteLossError
 
 
 class MetricAccumulator:
@@ -53,20 +51,6 @@ class MetricAccumulator:
         self._sums.clear()
         self._counts.clear()
         return means
-
-    def raise_if_not_finite(self, phases: Mapping[str, str], env_steps: int) -> None:
-        """Check the pending sums of the loss metrics in ``phases`` (metric name -> phase)."""
-        flat = self._flat_sums()
-        names = [n for n in phases if n in flat]
-        if not names:
-            return
-        values = torch.stack([flat[n][0] for n in names]).tolist()
-        for name, value in zip(names, values):
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"the {phases[name]} loss ({name}) became {value} before env step {env_steps}; "
-                    "the run stopped and its last good checkpoint is kept"
-                )
 
 
 def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:

@@ -17,7 +17,6 @@ from jsonargparse.typing import PositiveFloat, PositiveInt
 from tensordict import TensorDictBase
 
 from mpdp_lightning.clock import passed_multiple
-from mpdp_lightning.errors import NonFiniteLossError
 from mpdp_lightning.metrics import log_metrics
 from mpdp_lightning.sac import SAC
 from mpdp_lightning.tasks import get_task
@@ -111,11 +110,9 @@ class ModelBasedSAC(SAC):
             max_epochs=hp.model_max_epochs,
             patience=hp.model_patience,
         )
+        self.check_phase("model", torch.tensor(report.holdout_nll, device=self.device), model_optimizer)
         if not math.isfinite(report.holdout_nll):
-            raise NonFiniteLossError(
-                f"the model loss became non-finite (holdout nll {report.holdout_nll}) at env step {self.env_steps}; "
-                "the run stopped and its last good checkpoint is kept"
-            )
+            self.raise_if_not_finite()
         self.model_trained_at = self.env_steps
         self.model_fits += 1
         metrics.update(

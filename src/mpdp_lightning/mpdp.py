@@ -74,6 +74,7 @@ class MPDP(ModelBasedSAC):
         if self.hparams.head_grad_clip is not None:
             self.clip_gradients(actor_optimizer, gradient_clip_val=self.hparams.head_grad_clip, gradient_clip_algorithm="norm")
         actor_optimizer.step()
+        self.check_phase("actor", result.loss, actor_optimizer)
         # scatter_add rather than bincount, which synchronises with the host on CUDA to size its output
         self.horizon_counts.scatter_add_(0, result.horizon, torch.ones_like(result.horizon))
         metrics = {f"train/{name}": value for name, value in result.diagnostics.items()}

@@ -19,6 +19,8 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from tensordict import TensorDictBase
 
+from mpdp_lightning.errors import NonFiniteLossError
+from mpdp_lightning.finiteness import NonFiniteGuard, non_finite_parameters
 from mpdp_lightning.metrics import MetricAccumulator, PhaseTimer
 from mpdp_lightning.policy import SquashedGaussianHeads, Temperature, TwinQ
 from mpdp_lightning.sac_losses import actor_loss, critic_loss, temperature_loss
@@ -27,8 +29,8 @@ from mpdp_lightning.tasks import get_task, task_spaces
 # The fused Adam kernel (CPU and CUDA) updates all of an optimizer's tensors in one call.
 ADAM = {"fused": True}
 
-# metric name -> phase, for the NaN/inf check that names the phase that broke
-LOSS_PHASES = {"train/critic_loss": "critic", "train/actor_loss": "actor", "train/alpha_loss": "temperature"}
+# The phases of one update, in the order they run: the NaN/inf guard names the first that broke.
+PHASES = ("model", "critic", "actor", "temperature")
 
 
 class SAC(pl.LightningModule):
@@ -90,6 +92,7 @@ class SAC(pl.LightningModule):
         self.updates = 0
         self.train_metrics = MetricAccumulator()
         self.timer = PhaseTimer()
+        self.guard = NonFiniteGuard(PHASES)
 
     def build_actor(self, heads: int) -> SquashedGaussianHeads:
         """``heads`` squashed-Gaussian policies sized for the task (SAC: 1; MPDP: H)."""
@@ -124,17 +127,25 @@ class SAC(pl.LightningModule):
         """The (Lightning-wrapped) optimizer of phase ``name``."""
         return self.optimizers()[self._optimizer_index[name]]
 
-    def _step(self, optimizer: Any, loss: torch.Tensor) -> None:
+    def _step(self, optimizer: Any, loss: torch.Tensor, phase: Optional[str] = None) -> None:
+        """One optimizer step on ``loss``; with ``phase``, the guard checks its loss and parameters."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         optimizer.step()
+        if phase is not None:
+            self.check_phase(phase, loss, optimizer)
+
+    def check_phase(self, phase: str, loss: torch.Tensor, optimizer: Any) -> None:
+        """Record whether ``phase``'s loss and the parameters ``optimizer`` just stepped are finite."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.guard.record(phase, self.updates, loss, params)
 
     def update_critic(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         critic_opt = self.optimizer("critic")
         loss, info = critic_loss(
             self.critic, self.critic_target, self.actor, batch, self.hparams.gamma, self.temperature.alpha
         )
-        self._step(critic_opt, loss)
+        self._step(critic_opt, loss, "critic")
         with torch.no_grad():
             online, target = list(self.critic.parameters()), list(self.critic_target.parameters())
             torch._foreach_lerp_(target, online, self.hparams.tau)
@@ -145,14 +156,14 @@ class SAC(pl.LightningModule):
         (for the temperature). MPDP overrides this with the H-step improvement."""
         actor_opt = self.optimizer("actor")
         loss, info = actor_loss(self.actor, self.critic, batch["obs"], self.temperature.alpha)
-        self._step(actor_opt, loss)
+        self._step(actor_opt, loss, "actor")
         return {"train/actor_loss": loss.detach(), "train/entropy": info["entropy"]}, info["log_prob"]
 
     def update_temperature(self, log_prob: torch.Tensor) -> dict[str, torch.Tensor]:
         metrics = {"train/alpha": self.temperature.alpha}
         if self.hparams.auto_alpha:
             loss = temperature_loss(self.temperature.log_alpha, log_prob, self.target_entropy)
-            self._step(self.optimizer("temperature"), loss)
+            self._step(self.optimizer("temperature"), loss, "temperature")
             metrics["train/alpha_loss"] = loss.detach()
         return metrics
 
@@ -172,9 +183,27 @@ class SAC(pl.LightningModule):
         """Means of the train metrics and phase times since the last log point (one host sync)."""
         return {**self.train_metrics.pop_means(), **self.timer.pop_means()}
 
-    def raise_if_not_finite(self) -> None:
-        """Stop with a message naming the phase whose loss went NaN or inf (host sync: call rarely)."""
-        self.train_metrics.raise_if_not_finite(LOSS_PHASES, self.env_steps)
+    def raise_if_not_finite(self, when: str = "") -> None:
+        """Stop with a message naming the phase that produced the run's first NaN or inf, or the
+        nets holding one (host sync: call at log points, checkpoints and on a non-finite action).
+
+        Args:
+            when: what found it, e.g. "pi_0's action at env step 151 was non-finite"; it leads the message.
+        """
+        first = self.guard.first()
+        broken = non_finite_parameters(self) if first is None else []
+        if first is None and not broken and not when:
+            return
+        if first is not None:
+            cause = f"the {first.phase} phase's {first.what} first, in update {first.update}"
+        elif broken:
+            cause = f"non-finite parameters in {', '.join(broken)} (changed outside the update phases)"
+        else:
+            cause = "no phase's loss or parameters are non-finite"
+        lead = f"{when}: " if when else ""
+        raise NonFiniteLossError(
+            f"{lead}{cause}; the run stopped at env step {self.env_steps} and its last good checkpoint is kept"
+        )
 
     # ---- checkpoint ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
