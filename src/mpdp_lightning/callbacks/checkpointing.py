@@ -3,9 +3,10 @@
 The checkpoint holds everything a run needs to go on as if it had not stopped: nets and
 optimizers (Lightning), the env-step and update counters (the module), the replay buffer (the
 datamodule), the callbacks' state, the MLflow run id and the RNG states. It is written to a
-temporary file, flushed to disk and renamed over ``last.ckpt``, so a crash during the write
-leaves the previous checkpoint intact. Ctrl-C and SIGTERM stop at the next update boundary and
-save first; a NaN or inf loss stops without saving, keeping the last good checkpoint.
+temporary file beside it, flushed to disk and renamed over ``last.ckpt``, so a crash during the
+write leaves the previous checkpoint intact, and a kill leaves no temporary anywhere else (stale
+ones beside the checkpoint are removed at the next start). Ctrl-C and SIGTERM stop at the next
+update boundary and save first; a NaN or inf stops without saving, keeping the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,13 +22,43 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from jsonargparse.typing import PositiveInt
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mpdp_lightning.clock import passed_multiple
+from mpdp_lightning.errors import RunInterrupted
 
 LAST = "last.ckpt"
+TEMPORARY = f".{LAST}.tmp"  # prefix of the file being written (pid appended)
+
+
+class LocalAtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but the temporary file lives beside the target.
+
+    Lightning's default stages the bytes through an fsspec transaction whose temporary file is in
+    $TMPDIR: a kill during a write leaves it there for good (21 MB after three kills). Here it is
+    ``.<name>.tmp-<pid>`` in the checkpoint's folder, fsynced and renamed over the target.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def rng_states() -> dict[str, Any]:
@@ -84,19 +116,24 @@ class EnvStepCheckpoint(Checkpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = default_checkpoint_dir(trainer)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a user's own plugin
+            trainer.strategy.checkpoint_io = LocalAtomicCheckpointIO()
+        # what a process killed mid-write left behind (the last whole checkpoint is untouched)
+        for stale in self.dirpath.glob(f"{TEMPORARY}*") if self.dirpath.is_dir() else ():
+            stale.unlink(missing_ok=True)
 
     # ---- when to save ------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_requested = False
         self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
-        rank_zero_info(f"checkpoints: {self.path}")
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._stop_requested:  # a second Ctrl-C aborts at once, without saving
-            signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
-            raise KeyboardInterrupt
+            self._restore_sigint()
+            raise RunInterrupted(signal.SIGINT, saved=False)
         self._stop_requested = True
-        rank_zero_info("\nCtrl-C: saving a checkpoint after this update (Ctrl-C again to abort without saving)")
+        print("\nCtrl-C: stopping after this update and saving a checkpoint (Ctrl-C again: stop at once, without saving)",
+              file=sys.stderr, flush=True)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -104,7 +141,7 @@ class EnvStepCheckpoint(Checkpoint):
         if self._stop_requested:
             self.save(trainer, pl_module)
             self._restore_sigint()
-            raise KeyboardInterrupt  # Lightning marks the run interrupted and exits
+            raise RunInterrupted(signal.SIGINT, saved=True)  # the CLI marks the run KILLED and exits 130
         if passed_multiple(self.last_saved_step, pl_module.env_steps, self.checkpoint_every):
             self.save(trainer, pl_module)
 
@@ -128,21 +165,8 @@ class EnvStepCheckpoint(Checkpoint):
 
     # ---- how to save ---------------------------------------------------------------------------
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
-        pl_module.raise_if_not_finite()
-        for name, p in pl_module.named_parameters():
-            if not torch.isfinite(p).all():
-                raise FloatingPointError(f"parameter {name} is not finite; not overwriting the last checkpoint")
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        tmp = self.dirpath / f".{LAST}.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)  # atomic on POSIX: readers see the old file or the new one
-        dir_fd = os.open(self.dirpath, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        pl_module.raise_if_not_finite()  # a broken state never overwrites the last good checkpoint
+        trainer.save_checkpoint(self.path, weights_only=False)  # through LocalAtomicCheckpointIO
         self.last_saved_step = pl_module.env_steps
         return self.path
 
