@@ -38,6 +38,7 @@ class Evaluation(Callback):
         self.envs: list = []
         self.last_eval_step = 0
         self.latest_return: Optional[float] = None
+        self.best_return: Optional[float] = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.envs:
@@ -89,12 +90,14 @@ class Evaluation(Callback):
         }
         self.last_eval_step = pl_module.env_steps
         self.latest_return = metrics["eval/return"]
+        self.best_return = max(self.latest_return, self.best_return if self.best_return is not None else -np.inf)
         log_metrics(trainer, metrics, step=pl_module.env_steps)
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_eval_step": self.last_eval_step, "latest_return": self.latest_return}
+        return {"last_eval_step": self.last_eval_step, "latest_return": self.latest_return, "best_return": self.best_return}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_eval_step = int(state_dict["last_eval_step"])
         self.latest_return = state_dict["latest_return"]
+        self.best_return = state_dict.get("best_return", self.latest_return)
