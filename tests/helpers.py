@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -35,20 +36,25 @@ def fit_args(task: str, total: int, *extra: str, algo: str = "sac") -> list[str]
         "--data.batch_size", "32",
         "--model.hidden", "32",
         "--trainer.enable_progress_bar", "false",
+        "--video.enabled", "false",  # tests/test_video.py switches it on
         "--trainer.logger.init_args.tracking_uri", tracking_uri(),
         *extra,
     ]
 
 
 class SignalAt(Callback):
-    """Sends ``signum`` to this process once the run reaches ``env_step`` env steps."""
+    """Sends ``signum`` to this process once the run reaches ``env_step`` env steps (only in a run
+    that started below it, so the command that resumes the run does not interrupt it again)."""
 
     def __init__(self, env_step: int, signum: int = int(signal.SIGTERM)) -> None:
-        self.env_step, self.signum, self.sent = env_step, signum, False
+        self.env_step, self.signum, self.armed = env_step, signum, False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.armed = pl_module.env_steps < self.env_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.sent and pl_module.env_steps >= self.env_step:
-            self.sent = True
+        if self.armed and pl_module.env_steps >= self.env_step:
+            self.armed = False
             os.kill(os.getpid(), self.signum)
 
 
@@ -85,3 +91,64 @@ class RecordStartState(Callback):
             },
             self.path,
         )
+
+
+class PoisonTemperatureAt(Callback):
+    """Gives log(alpha) a NaN gradient in the temperature update at ``env_step``: a diverging
+    temperature, the first phase to produce a non-finite value."""
+
+    def __init__(self, env_step: int) -> None:
+        self.env_step, self.handle = env_step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.env_steps == self.env_step and self.handle is None:
+            self.handle = pl_module.temperature.log_alpha.register_hook(lambda grad: grad * float("nan"))
+
+
+class PoisonActorAt(Callback):
+    """Turns pi_0's weights into NaN at ``env_step``, after that update: the next action is NaN."""
+
+    def __init__(self, env_step: int) -> None:
+        self.env_step = env_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.env_steps == self.env_step:
+            with torch.no_grad():
+                for p in pl_module.actor.parameters():
+                    p.fill_(float("nan"))
+
+
+class ActionSpy(Callback):
+    """Writes to ``path`` how many actions the training env was given and how many were not finite."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.given, self.non_finite = path, 0, 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        interaction = next(cb for cb in trainer.callbacks if type(cb).__name__ == "EnvInteraction")
+        step = interaction.env.step
+
+        def spied(action):
+            self.given += 1
+            self.non_finite += int(not np.isfinite(action).all())
+            Path(self.path).write_text(f"{self.given} {self.non_finite}")
+            return step(action)
+
+        interaction.env.step = spied
+
+
+class _KillOnPickle:
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGKILL)  # while torch.save is writing the checkpoint
+        return (int, (0,))
+
+
+class KillDuringCheckpointWrite(Callback):
+    """SIGKILLs this process in the middle of writing the checkpoint at ``env_step``."""
+
+    def __init__(self, env_step: int) -> None:
+        self.env_step = env_step
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if pl_module.env_steps == self.env_step:
+            checkpoint["zz_kill"] = _KillOnPickle()

@@ -2,7 +2,12 @@
 run resumed from its checkpoint, and a diverging run stopped with its last good checkpoint."""
 
 import json
+import os
+import shlex
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,21 +66,31 @@ def test_sac_on_hopper_logs_to_mlflow_and_checkpoints(in_tmp):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
-def test_interrupted_run_resumes_with_counters_buffer_and_optimizers_intact(in_tmp, signum):
+def test_interrupted_run_resumes_with_counters_buffer_and_optimizers_intact(in_tmp, capsys, signum):
     probe = f'--trainer.callbacks+={{"class_path": "helpers.SignalAt", "init_args": {{"env_step": 250, "signum": {int(signum)}}}}}'
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(fit_args("hopper", 400, probe))
+    assert exit_info.value.code == 128 + signum  # 143 for SIGTERM, 130 for Ctrl-C, as shells report them
 
     client = MlflowClient(tracking_uri())
-    run_id = _only_run(client).info.run_id
+    interrupted = _only_run(client)
+    run_id = interrupted.info.run_id
+    assert interrupted.info.status == "KILLED", "an interrupted run must not look finished, nor failed"
     ckpt = in_tmp / "runs/checkpoints" / run_id / "last.ckpt"
     header = read_checkpoint_header(ckpt)
     assert header.env_steps == 250 and header.updates == 150  # saved at the update boundary
     saved = torch.load(ckpt, weights_only=True)
     assert saved["ReplayDataModule"]["size"] == 250
 
+    out = capsys.readouterr().out
+    assert f"run interrupted by {'Ctrl-C (SIGINT)' if signum == signal.SIGINT else 'SIGTERM'} at 250 of 400 env steps" in out
+    assert f"saved: runs/checkpoints/{run_id}/last.ckpt at env step 250" in out
+    resume = shlex.split(next(line for line in out.splitlines() if line.startswith("resume: "))[len("resume: "):])
+    assert resume[1:3] == ["-m", "mpdp_lightning"] and resume[-2:] == ["--ckpt_path", f"runs/checkpoints/{run_id}/last.ckpt"]
+
+    # the printed command, as it is, continues the run (in this process, to record its start)
     record = f'--trainer.callbacks+={{"class_path": "helpers.RecordStartState", "init_args": {{"path": "{in_tmp}/start.pt"}}}}'
-    main(fit_args("hopper", 400, "--ckpt_path", str(ckpt), record))
+    main([*resume[3:], record])
 
     start = torch.load(in_tmp / "start.pt", weights_only=False)
     assert start["env_steps"] == 250 and start["updates"] == 150
@@ -90,6 +105,7 @@ def test_interrupted_run_resumes_with_counters_buffer_and_optimizers_intact(in_t
     assert _steps(client, run_id, "eval/return") == [100, 200, 300, 400]
     final = read_checkpoint_header(ckpt)
     assert final.env_steps == 400 and final.updates == 300
+    assert "run finished at 400 of 400 env steps" in capsys.readouterr().out
 
 
 def test_nan_loss_stops_the_run_naming_the_phase_and_keeps_the_last_good_checkpoint(in_tmp, capsys):
@@ -98,13 +114,60 @@ def test_nan_loss_stops_the_run_naming_the_phase_and_keeps_the_last_good_checkpo
         main(fit_args("hopper", 400, poison))
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith("error:") and "critic" in message and "nan" in message
+    assert message.startswith("error:") and "critic" in message
 
     run_id = _only_run(MlflowClient(tracking_uri())).info.run_id
     ckpt = in_tmp / "runs/checkpoints" / run_id / "last.ckpt"
     assert read_checkpoint_header(ckpt).env_steps == 200
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_a_nan_from_the_temperature_is_blamed_on_the_temperature(in_tmp, capsys):
+    # log(alpha) gets a NaN gradient at env step 150; from the next update on, the critic's
+    # target (which uses alpha) and every later loss are NaN too
+    poison = '--trainer.callbacks+={"class_path": "helpers.PoisonTemperatureAt", "init_args": {"env_step": 150}}'
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args("hopper", 400, poison))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    # found by whichever check comes first (here pi_0's next action, already NaN), blamed on the temperature
+    assert err[0].startswith("error: ")
+    assert "the temperature phase's parameters became non-finite first, in update 50;" in err[0]
+    assert "last good checkpoint is kept" in err[0]
+
+
+def test_a_nan_action_never_reaches_the_environment(in_tmp, capsys):
+    spy = in_tmp / "actions.txt"
+    poison = '--trainer.callbacks+={"class_path": "helpers.PoisonActorAt", "init_args": {"env_step": 150}}'
+    record = f'--trainer.callbacks+={{"class_path": "helpers.ActionSpy", "init_args": {{"path": "{spy}"}}}}'
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args("hopper", 400, poison, record))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: pi_0's action at env step 151 was [nan")
+    assert "non-finite parameters in actor" in message
+    given, non_finite = map(int, spy.read_text().split())
+    assert given == 50 and non_finite == 0  # env steps 101..150 with pi_0; none of them NaN
+
+
+def test_a_kill_while_writing_a_checkpoint_leaves_no_temporary_file(in_tmp):
+    tmpdir = in_tmp / "tmpdir"
+    tmpdir.mkdir()
+    kill = '--trainer.callbacks+={"class_path": "helpers.KillDuringCheckpointWrite", "init_args": {"env_step": 200}}'
+    env = dict(os.environ, TMPDIR=str(tmpdir), PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
+    killed = subprocess.run([sys.executable, "-m", "mpdp_lightning", *fit_args("hopper", 300, kill)],
+                            cwd=in_tmp, env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert list(tmpdir.iterdir()) == [], "nothing may be left in $TMPDIR"
+    (folder,) = (in_tmp / "runs/checkpoints").iterdir()
+    assert [p.name for p in folder.glob(".last.ckpt.tmp*")], "the kill should have struck mid-write, beside the checkpoint"
+    assert read_checkpoint_header(folder / "last.ckpt").env_steps == 101  # the last whole one (first update)
+
+    main(fit_args("hopper", 300, "--ckpt_path", str(folder / "last.ckpt")))
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"], "the stale temporary is removed"
+    assert read_checkpoint_header(folder / "last.ckpt").env_steps == 300
 
 
 def test_world_model_phase_runs_in_training_and_is_checkpointed(in_tmp):

@@ -18,6 +18,7 @@ class CheckpointHeader:
     task: str
     mlflow_run_id: Optional[str]
     hyper_parameters: dict
+    class_path: Optional[str]  # the LightningModule that wrote it (LightningCLI records it), if known
 
 
 def read_checkpoint_header(path: str | Path, expected_task: Optional[str] = None) -> CheckpointHeader:
@@ -37,5 +38,5 @@ def read_checkpoint_header(path: str | Path, expected_task: Optional[str] = None
         raise CheckpointError(f"checkpoint {path} is for task {task!r}, not {expected_task!r}")
     return CheckpointHeader(
         int(counters["env_steps"]), int(counters["updates"]), task, checkpoint.get("mlflow_run_id"),
-        dict(checkpoint["hyper_parameters"]),
+        dict(checkpoint["hyper_parameters"]), checkpoint["hyper_parameters"].get("_class_path"),
     )

@@ -6,26 +6,43 @@ A LightningCLI in omegaconf+ mode: later ``--config`` files override earlier one
 can be overridden on the command line, and ``${...}`` interpolations see those overrides. The
 top-level ``--task`` is linked into the module; the env-step callbacks are their own groups
 (``--env_interaction.total_env_steps``, ``--evaluation.eval_every``,
-``--checkpoint.checkpoint_every``). Bad input ends with one ``error:`` line before any work.
+``--checkpoint.checkpoint_every``, ``--progress_bar.*``, ``--video.video_every``).
+
+What a user sees: one line naming the run, a progress bar (plain lines when output is not a
+terminal), and a summary at the end or at an interruption. Bad input ends with one ``error:``
+line and exit code 2 before any work: everything is checked and instantiated before the MLflow
+logger, whose construction already creates the store. Ctrl-C and SIGTERM save, mark the MLflow
+run KILLED and exit 130 and 143, as shells do.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
+from importlib import import_module
+from pathlib import Path
 from typing import Any, Optional
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import lightning.pytorch as pl  # noqa: E402
-from jsonargparse import ArgumentError, set_parsing_settings  # noqa: E402
+from jsonargparse import ArgumentError, Namespace, set_parsing_settings  # noqa: E402
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
-from mpdp_lightning.callbacks import EnvInteraction, EnvStepCheckpoint, EnvStepProgressBar, Evaluation  # noqa: E402
+from mpdp_lightning.callbacks import (  # noqa: E402
+    EnvInteraction, EnvStepCheckpoint, EnvStepProgressBar, Evaluation, EvaluationVideo,
+)
+from mpdp_lightning.callbacks.checkpointing import LAST, default_checkpoint_dir  # noqa: E402
+from mpdp_lightning.callbacks.progress import find_callback  # noqa: E402
 from mpdp_lightning.checkpoint_io import read_checkpoint_header  # noqa: E402
 from mpdp_lightning.data import ReplayDataModule  # noqa: E402
-from mpdp_lightning.errors import MPDPError  # noqa: E402
+from mpdp_lightning.errors import MPDPError, RunInterrupted, describe_parser_error  # noqa: E402
+from mpdp_lightning.preflight import check_tracking_uri, check_writable_folder  # noqa: E402
+from mpdp_lightning.run_summary import Outcome, RunClock, mlflow_loggers, start_line, summary  # noqa: E402
 from mpdp_lightning.tasks import TASKS, get_task  # noqa: E402
 from mpdp_lightning.tracking import log_run_config  # noqa: E402
 
@@ -35,31 +52,53 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 # Without this, relative interpolations resolve against the wrong node in omegaconf+ mode.
 set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
+# INFO chatter at start (a litlogger advert, "GPU available", "Seed set to", the TorchRL storage,
+# MLflow's table creation): the run's own start line says what matters. Warnings still show.
+QUIET_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.seed",
+    "torchrl",
+    "mlflow.store.db.utils",
+    "alembic",
+)
+
+
+class _DropExperimentCreated(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "not found. Creating it." not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    mlflow_logger_log = logging.getLogger("lightning.pytorch.loggers.mlflow")
+    if not any(isinstance(f, _DropExperimentCreated) for f in mlflow_logger_log.filters):
+        mlflow_logger_log.addFilter(_DropExperimentCreated())
+
 
 class MPDPCLI(LightningCLI):
+    def __init__(self, *args: Any, argv: Optional[list[str]] = None, **kwargs: Any) -> None:
+        self.argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command
+        self.resumed_from: Optional[int] = None
+        super().__init__(*args, args=argv, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--task", type=str, required=True, help="task name: " + ", ".join(TASKS))
+        parser.add_argument("--preset", type=Optional[str], default=None,
+                            help="name of the preset the config files apply (set by conf/preset/*.yaml)")
         parser.link_arguments("task", "model.init_args.task")
         parser.add_lightning_class_args(EnvInteraction, "env_interaction")
         parser.add_lightning_class_args(Evaluation, "evaluation")
         parser.add_lightning_class_args(EnvStepCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EnvStepProgressBar, "progress_bar")
+        parser.add_lightning_class_args(EvaluationVideo, "video")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
-        if not config.trainer.enable_progress_bar:
-            # Lightning refuses a progress-bar callback when the bar is off; switch ours off instead.
-            config.trainer.enable_progress_bar = True
-            config.progress_bar.enabled = False
-        # Checks that span several fields, made here because instantiating the MLflow logger
-        # already creates its store: bad input must leave nothing behind.
-        get_task(config.task)  # one-line error listing the known tasks
-        interaction = config.env_interaction
-        if interaction.warmup_steps >= interaction.total_env_steps:
-            raise MPDPError(
-                f"env_interaction.warmup_steps ({interaction.warmup_steps}) must be below "
-                f"env_interaction.total_env_steps ({interaction.total_env_steps})"
-            )
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except (ArgumentError, ValueError, TypeError) as error:
+            raise MPDPError(describe_parser_error(str(error))) from None
 
     def _parse_ckpt_path(self) -> None:  # noqa: D401 (overrides a private LightningCLI step)
         """Check ``--ckpt_path`` before any work (one-line errors) and resume the same MLflow run.
@@ -74,6 +113,12 @@ class MPDPCLI(LightningCLI):
             return
         get_task(config.task)
         header = read_checkpoint_header(ckpt_path, expected_task=config.task)
+        algo = config.model.class_path
+        if header.class_path is not None and header.class_path != algo:
+            raise MPDPError(
+                f"checkpoint {ckpt_path} is a {header.class_path.rsplit('.', 1)[-1]} run, not {algo.rsplit('.', 1)[-1]}: "
+                f"resume it with the config of its algorithm ({header.class_path})"
+            )
         total = config.env_interaction.total_env_steps
         if header.env_steps >= total:
             raise MPDPError(
@@ -82,54 +127,125 @@ class MPDPCLI(LightningCLI):
             )
         model_args = {k: v for k, v in header.hyper_parameters.items() if k != "task" and not k.startswith("_")}
         try:
-            model = {"class_path": config.model.class_path, "init_args": model_args}
+            model = {"class_path": algo, "init_args": model_args}
             self.config = self.parser.parse_object({self.config.subcommand: {"model": model}}, self.config)
         except (ArgumentError, ValueError, TypeError) as error:
-            raise MPDPError(f"the hyperparameters of checkpoint {ckpt_path} do not fit this model: {_one_line(error)}") from None
+            raise MPDPError(f"the hyperparameters of checkpoint {ckpt_path} do not fit this model: {describe_parser_error(str(error))}") from None
         config = self.config[self.config.subcommand]
         logger = config.trainer.get("logger")
-        if header.mlflow_run_id and logger and "MLFlowLogger" in str(logger.get("class_path", "")):
+        if header.mlflow_run_id and _is_class_spec(logger) and "MLFlowLogger" in str(logger.class_path):
             logger.init_args.run_id = header.mlflow_run_id  # continue the same MLflow run
+        self.resumed_from = header.env_steps
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        try:
-            super().parse_arguments(parser, args)
-        except (ArgumentError, ValueError, TypeError) as error:
-            raise MPDPError(_one_line(error)) from None
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if config.trainer.enable_progress_bar is False:  # None (the default) means on
+            # Lightning refuses a progress-bar callback when the bar is off; switch ours off instead.
+            config.trainer.enable_progress_bar = True
+            config.progress_bar.enabled = False
+        get_task(config.task)  # one-line error listing the known tasks
+        interaction = config.env_interaction
+        if interaction.warmup_steps >= interaction.total_env_steps:
+            raise MPDPError(
+                f"env_interaction.warmup_steps ({interaction.warmup_steps}) must be below "
+                f"env_interaction.total_env_steps ({interaction.total_env_steps})"
+            )
 
     def instantiate_classes(self) -> None:
+        """Everything but the logger first (model, data, callbacks, trainer: their own checks, the
+        accelerator's), then the folders and the tracking store; the logger last, since creating an
+        MLflow logger already creates its store."""
+        config = self.config[self.subcommand]
+        logger_config = config.trainer.get("logger")
+        deferred = _is_class_spec(logger_config) or isinstance(logger_config, list)
+        if deferred:
+            config.trainer.logger = False
         try:
             super().instantiate_classes()
+        except MisconfigurationException as error:  # the Trainer's (e.g. an accelerator this machine lacks)
+            raise MPDPError(f"trainer: {error}") from None
         except (ArgumentError, ValueError, TypeError) as error:
-            raise MPDPError(_one_line(error)) from None
+            raise MPDPError(describe_parser_error(str(error))) from None
+        finally:
+            if deferred:
+                config.trainer.logger = logger_config
+        checkpoint = find_callback(self.trainer, EnvStepCheckpoint)
+        if checkpoint is not None:
+            folder = checkpoint.dirpath or Path(self.trainer.default_root_dir) / "checkpoints"
+            check_writable_folder(folder, "the checkpoint folder")
+        if deferred:
+            specs = logger_config if isinstance(logger_config, list) else [logger_config]
+            for spec in specs:
+                uri = spec.init_args.get("tracking_uri") if _is_class_spec(spec) else None
+                if uri:
+                    check_tracking_uri(uri)
+            self.trainer.loggers = [_instantiate(spec) for spec in specs]
 
     def before_fit(self) -> None:
         config = self.config["fit"]
         log_run_config(self.trainer, self._parser("fit"), config, resumed=bool(config.get("ckpt_path")))
+        checkpoint = find_callback(self.trainer, EnvStepCheckpoint)
+        path = None
+        if checkpoint is not None:
+            path = (checkpoint.dirpath or default_checkpoint_dir(self.trainer)) / LAST
+        print(start_line(self.trainer, config.as_dict(), path, self.resumed_from), flush=True)
+
+    def fit(self, model: pl.LightningModule, **kwargs: Any) -> None:
+        """``trainer.fit`` that tells a finished run from an interrupted one: the summary, the MLflow
+        status (KILLED for Ctrl-C and SIGTERM) and the exit code (130, 143)."""
+        clock = RunClock(self.resumed_from or 0)
+        try:
+            self.trainer.fit(model, **kwargs)
+            outcome = Outcome()
+        except SIGTERMException:  # raised by Lightning at an update boundary; the checkpoint saved
+            outcome = Outcome(signum=15, saved=True)
+        except RunInterrupted as interruption:
+            outcome = Outcome(signum=interruption.signum, saved=interruption.saved)
+        except SystemExit as exit_:  # Lightning's answer to a KeyboardInterrupt outside our handler
+            if not isinstance(exit_.__context__, KeyboardInterrupt):
+                raise
+            outcome = Outcome(signum=2, saved=False)
+        if outcome.interrupted:
+            for logger in mlflow_loggers(self.trainer):
+                if logger._initialized:
+                    logger.experiment.set_terminated(logger.run_id, "KILLED")
+        print(summary(self.trainer, model, outcome, clock, self.argv), flush=True)
+        if outcome.interrupted:
+            raise SystemExit(outcome.exit_code)
+
+
+def _is_class_spec(value: Any) -> bool:
+    return isinstance(value, (Namespace, dict)) and "class_path" in value
+
+
+def _instantiate(spec: Any) -> Any:
+    """A ``{class_path, init_args}`` spec -> the object (the deferred logger)."""
+    if not _is_class_spec(spec):
+        return spec
+    module, _, name = spec["class_path"].rpartition(".")
+    init_args = spec.get("init_args") or {}
+    init_args = init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args)
+    return getattr(import_module(module), name)(**init_args)
 
 
 def main(args: Optional[list[str]] = None) -> None:
+    quiet_libraries()
     try:
         MPDPCLI(
             pl.LightningModule,
             ReplayDataModule,
+            argv=args,
             subclass_mode_model=True,
             save_config_callback=None,  # fails under MLflow; tracking.log_run_config logs the config
             auto_configure_optimizers=False,
             seed_everything_default=0,
             parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
-            args=args,
         )
     except MPDPError as error:
-        _fail(_one_line(error))
-
-
-def _one_line(error: BaseException) -> str:
-    # jsonargparse spreads one problem over several lines; keep it to one
-    text = " ".join(str(error).split())
-    return text if len(text) < 400 else text[:397] + "..."
+        _fail(str(error))
 
 
 def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    text = " ".join(message.split())  # one line, whatever the message
+    print(f"error: {text if len(text) < 400 else text[:397] + '...'}", file=sys.stderr)
     sys.exit(2)
