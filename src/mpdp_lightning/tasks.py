@@ -121,10 +121,21 @@ def get_task(name: str) -> Task:
         raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
 
 
-def make_env(name: str, seed: int | None = None) -> gym.Env:
-    """The task's gymnasium environment (with its 1000-step time limit), reset with ``seed``."""
+def make_env(
+    name: str,
+    seed: int | None = None,
+    render_mode: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+) -> gym.Env:
+    """The task's gymnasium environment (with its 1000-step time limit), reset with ``seed``.
+
+    ``render_mode`` (e.g. ``"rgb_array"``), ``width`` and ``height`` go to the MuJoCo environment
+    when given; without them the environment does not render.
+    """
     task = get_task(name)
-    env = gym.make(task.env_id, **task.env_kwargs)
+    render_kwargs = dict(render_mode=render_mode, width=width, height=height)
+    env = gym.make(task.env_id, **task.env_kwargs, **{k: v for k, v in render_kwargs.items() if v is not None})
     if seed is not None:
         env.reset(seed=seed)
         env.action_space.seed(seed)
