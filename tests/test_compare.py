@@ -2,11 +2,14 @@
 
 import nbformat
 import pytest
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 
 from helpers import ROOT
-from mpdp_lightning.compare import load_curves, main, summarize
+from mpdp_lightning.compare import latest_attempt, load_curves, main, summarize
+
+T0 = 1_700_000_000_000  # ms, a timestamp MLflow would have stamped
 
 
 @pytest.fixture
@@ -26,6 +29,57 @@ def small_store(in_tmp):
     return uri
 
 
+@pytest.fixture
+def resumed_store(small_store):
+    """The small store plus hopper-2, interrupted at 3000 env steps and resumed from its checkpoint
+    at 1000: 2000 and 3000 are logged twice, the resumed attempt's points a minute later. The
+    interrupted attempt reached 950 at 3000, the resumed one only 700 there and 920 at 4000."""
+    client = MlflowClient(small_store)
+    experiment_id = client.get_experiment_by_name("mpdp").experiment_id
+    run_id = client.create_run(experiment_id, run_name="hopper-2", tags={"task": "hopper", "algo": "SAC"}).info.run_id
+    interrupted = {1000: 10.0, 2000: 400.0, 3000: 950.0}
+    resumed = {2000: 350.0, 3000: 700.0, 4000: 920.0}
+    for start, attempt in ((T0, interrupted), (T0 + 60_000, resumed)):
+        for i, (step, value) in enumerate(attempt.items()):
+            client.log_metric(run_id, "eval/return", value, timestamp=start + 1000 * i, step=step)
+    client.set_terminated(run_id)
+    return small_store
+
+
+def test_latest_attempt_keeps_the_last_logged_point_of_each_step():
+    points = [
+        Metric("eval/return", 1.0, T0, 1000),
+        Metric("eval/return", 2.0, T0 + 20, 2000),
+        Metric("eval/return", 5.0, T0 + 10, 2000),  # later in the list but logged earlier
+        Metric("eval/return", 3.0, T0 + 20, 2000),  # same timestamp as 2.0, later in the list
+        Metric("eval/return", 4.0, T0 + 5, 500),
+    ]
+    kept = latest_attempt(points)
+    assert [(p.step, p.value) for p in kept] == [(500, 4.0), (1000, 1.0), (2000, 3.0)]
+    assert latest_attempt([]) == []
+
+
+def test_a_resumed_run_reads_as_its_latest_attempt(resumed_store):
+    curves = load_curves(resumed_store, "mpdp")
+    run = curves[curves["run_name"] == "hopper-2"]
+    assert run["env_steps"].tolist() == [1000, 2000, 3000, 4000]  # one row per step
+    assert run["value"].tolist() == [10.0, 350.0, 700.0, 920.0]
+    assert len(curves) == 10  # the other two runs untouched
+    summary = summarize(curves, threshold=900).set_index("run_name")
+    assert summary.loc["hopper-2", "first_step_at_900"] == 4000  # not 3000, the interrupted attempt's
+    assert summary.loc["hopper-2", "best"] == 920.0
+    assert summary.loc["hopper-2", "last"] == 920.0
+    assert summary.loc["hopper-2", "env_steps"] == 4000
+    assert summary.loc["hopper-0", "first_step_at_900"] == 3000
+
+
+def test_compare_command_reports_the_latest_attempt(resumed_store, capsys):
+    main(["--tracking-uri", resumed_store, "--threshold", "900"])
+    line = next(line for line in capsys.readouterr().out.splitlines() if "hopper-2" in line)
+    # env_steps, best, last, first_step_at_900: the interrupted attempt's 950 at 3000 is gone
+    assert line.split()[-4:] == ["4000", "920.0", "920.0", "4000.0"]
+
+
 def test_curves_and_summary(small_store):
     curves = load_curves(small_store, "mpdp")
     assert len(curves) == 6 and set(curves["run_name"]) == {"hopper-0", "hopper-1"}
@@ -41,13 +95,13 @@ def test_compare_command_saves_a_figure(small_store, in_tmp, capsys):
     assert (in_tmp / "curves.png").stat().st_size > 1000
 
 
-def test_notebook_runs_on_a_small_store(small_store, monkeypatch):
-    monkeypatch.setenv("MPDP_TRACKING_URI", small_store)
+def test_notebook_runs_on_a_small_store(resumed_store, monkeypatch):
+    monkeypatch.setenv("MPDP_TRACKING_URI", resumed_store)
     notebook = nbformat.read(ROOT / "notebooks/runs.ipynb", as_version=4)
     NotebookClient(notebook, timeout=120, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
-    assert any("2 runs, 6 evaluations" in out.get("text", "") for out in outputs)
+    assert any("3 runs, 10 evaluations" in out.get("text", "") for out in outputs)  # hopper-2's latest attempt
     figures = sum("image/png" in out.get("data", {}) for out in outputs)
     assert figures == 2, f"the notebook drew {figures} figures, not the return and MPDP's diagnostics"
     lines = [line for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs

@@ -9,14 +9,35 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional
+from typing import Iterable, Optional
 
 import pandas as pd
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def latest_attempt(points: Iterable[Metric]) -> list[Metric]:
+    """One point per step of a metric history, the one the latest attempt logged, in step order.
+
+    A resumed run continues the same MLflow run from its last checkpoint, so the env steps
+    between that checkpoint and the interruption are logged twice: by the attempt that was
+    interrupted and again by the resumed one, generally with other values (the episode under
+    way starts afresh, so the data and the nets differ). The resumed attempt is the one the
+    rest of the run builds on, so at each step keep the point with the largest ``timestamp``
+    (ms); of points with equal timestamps, the one that comes later in ``points``. (That tie
+    never separates two attempts, as a resumed one starts seconds after the interruption; and
+    MLflow's SQLite store returns equal timestamps ordered by value, not by when they were logged.)
+    """
+    latest: dict[int, Metric] = {}
+    for point in points:
+        kept = latest.get(point.step)
+        if kept is None or point.timestamp >= kept.timestamp:
+            latest[point.step] = point
+    return [latest[step] for step in sorted(latest)]
 
 
 def load_curves(
@@ -25,7 +46,9 @@ def load_curves(
     metric: str = "eval/return",
     filter_string: str = "",
 ) -> pd.DataFrame:
-    """One row per logged point of ``metric``: run_id, run_name, task, algo, seed, env_steps, value."""
+    """One row per env step of ``metric`` and run: run_id, run_name, task, algo, seed, status,
+    env_steps, value. Where a resumed run logged a step twice, the latest attempt's value
+    (see ``latest_attempt``)."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -33,7 +56,7 @@ def load_curves(
     rows = []
     for run in client.search_runs([found.experiment_id], filter_string=filter_string):
         info, data = run.info, run.data
-        for point in client.get_metric_history(info.run_id, metric):
+        for point in latest_attempt(client.get_metric_history(info.run_id, metric)):
             rows.append(
                 {
                     "run_id": info.run_id,
