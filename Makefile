@@ -32,7 +32,7 @@ train: install
 		echo "MPDP on $(TASK), $$preset preset ($$(sed -n 's/^# expected: //p' conf/preset/$$preset.yaml))"; \
 		preset_config="--config conf/preset/$$preset.yaml"; \
 	fi; \
-	set -x; $(PY) -m mpdp_lightning fit --config conf/base.yaml --config conf/algo/$(ALGO).yaml \
+	$(PY) -m mpdp_lightning fit --config conf/base.yaml --config conf/algo/$(ALGO).yaml \
 		--config conf/task/$(TASK).yaml $$preset_config $(if $(RESUME),--ckpt_path $(RESUME)) $(ARGS)
 
 test: install

@@ -25,6 +25,7 @@ from jsonargparse.typing import PositiveInt
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from tqdm import tqdm
 
 from mpdp_lightning.clock import passed_multiple
 from mpdp_lightning.errors import RunInterrupted
@@ -132,8 +133,9 @@ class EnvStepCheckpoint(Checkpoint):
             self._restore_sigint()
             raise RunInterrupted(signal.SIGINT, saved=False)
         self._stop_requested = True
-        print("\nCtrl-C: stopping after this update and saving a checkpoint (Ctrl-C again: stop at once, without saving)",
-              file=sys.stderr, flush=True)
+        # tqdm.write prints above a progress bar instead of through it
+        tqdm.write("Ctrl-C: stopping after this update and saving a checkpoint (Ctrl-C again: stop at once, without saving)",
+                   file=sys.stderr)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
