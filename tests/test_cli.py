@@ -4,6 +4,7 @@
 import hashlib
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def finished_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("finished")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     subprocess.run(
-        [str(ROOT / ".venv/bin/python"), "-m", "mpdp_lightning", *fit_args("hopper", 200)[:-1], uri],
+        [sys.executable, "-m", "mpdp_lightning", *fit_args("hopper", 200)[:-1], uri],
         cwd=folder, check=True, capture_output=True,
     )
     (folder / "a_file").write_text("a file, not a folder\n")

@@ -18,13 +18,19 @@ from mpdp_lightning.cli import main
 NOISE = ("litlogger", "INFO", "Seed set to", "GPU available", "TPU available", "LazyTensorStorage", "Creating it")
 
 
-def run_in_terminal(args, cwd, columns=120, lines=40, timeout=240):
-    """Run the CLI on a pseudo-terminal of the given size; return its exit code and the bytes it drew."""
+def _controlling_terminal() -> None:
+    os.setsid()  # a session of its own, whose controlling terminal is the pseudo-terminal (stdin)
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def run_in_terminal(args, cwd, columns=120, lines=40, timeout=240, ctrl_c_when=None):
+    """Run the CLI on a pseudo-terminal of the given size, as a user would; return its exit code and
+    the bytes it drew. ``ctrl_c_when(screen)``: once true, type Ctrl-C (the terminal sends SIGINT)."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
     env = dict(os.environ, OMP_NUM_THREADS="1", TERM="xterm")
     process = subprocess.Popen([sys.executable, "-m", "mpdp_lightning", *args], cwd=cwd, env=env,
-                               stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+                               stdin=slave, stdout=slave, stderr=slave, close_fds=True, preexec_fn=_controlling_terminal)
     os.close(slave)
     drawn, deadline = b"", time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -37,6 +43,9 @@ def run_in_terminal(args, cwd, columns=120, lines=40, timeout=240):
             if not chunk:
                 break
             drawn += chunk
+            if ctrl_c_when is not None and ctrl_c_when(drawn.decode(errors="replace")):
+                os.write(master, b"\x03")
+                ctrl_c_when = None
         elif process.poll() is not None:
             break
     os.close(master)
@@ -81,3 +90,22 @@ def test_summary_at_the_end_names_the_results(in_tmp, capsys):
                         r"[\d.]+ env steps/s", end[0]), end[0]
     assert re.match(r"MLflow run [0-9a-f]{32} \(experiment 'mpdp', sqlite:///.*mlflow\.db\); open it with ", end[1])
     assert re.fullmatch(r"checkpoint: runs/checkpoints/[0-9a-f]{32}/last\.ckpt", end[2])
+
+
+def test_ctrl_c_in_a_terminal_saves_says_how_to_resume_and_the_command_works(in_tmp):
+    args = fit_args("inverted_pendulum", 1000, "--trainer.enable_progress_bar", "true",
+                    "--progress_bar.refresh_every_env_steps", "50")
+    code, screen = run_in_terminal(args, in_tmp, ctrl_c_when=lambda text: re.search(r"\| [3-9]\d\d/1000 \[", text))
+    assert code == 130, screen
+    found = re.search(r"run interrupted by Ctrl-C \(SIGINT\) at (\d+) of 1000 env steps", screen)
+    assert found, screen
+    stopped_at = int(found[1])
+    assert f"at env step {stopped_at}\r\n" in screen and "saved: runs/checkpoints/" in screen
+    assert re.search(r"MLflow run [0-9a-f]{32} .*marked KILLED", screen)
+    resume = next(line for line in screen.replace("\r\n", "\n").split("\n") if line.startswith("resume: "))
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    resumed = subprocess.run(resume[len("resume: "):], shell=True, cwd=in_tmp, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at env step {stopped_at}" in resumed.stdout.splitlines()[0]
+    assert "run finished at 1000 of 1000 env steps" in resumed.stdout
