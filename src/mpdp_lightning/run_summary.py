@@ -65,8 +65,7 @@ def resume_command(argv: Sequence[str], checkpoint: str | os.PathLike) -> str:
             skip = True
         elif not arg.startswith("--ckpt_path="):
             args.append(arg)
-    python = shown_path(sys.executable) if Path(sys.executable).absolute().is_relative_to(Path.cwd()) else sys.executable
-    return shlex.join([python, "-m", "mpdp_lightning", *args, "--ckpt_path", shown_path(checkpoint)])
+    return shlex.join([shown_path(sys.executable), "-m", "mpdp_lightning", *args, "--ckpt_path", shown_path(checkpoint)])
 
 
 def mlflow_loggers(trainer: pl.Trainer) -> list[MLFlowLogger]:
@@ -75,7 +74,8 @@ def mlflow_loggers(trainer: pl.Trainer) -> list[MLFlowLogger]:
 
 def where_it_logs(logger: MLFlowLogger) -> str:
     uri = logger._tracking_uri
-    if uri == PROJECT_STORE or uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}":
+    in_project = Path("Makefile").is_file()  # `make ui` serves ./mlflow.db of the project folder
+    if in_project and uri in (PROJECT_STORE, f"sqlite:///{Path.cwd() / 'mlflow.db'}"):
         how = "`make ui`, then http://127.0.0.1:5000"
     elif uri.startswith(("http://", "https://")):
         how = f"{uri.rstrip('/')}/#/experiments/{logger.experiment_id}/runs/{logger.run_id}"

@@ -122,11 +122,11 @@ class EnvStepCheckpoint(Checkpoint):
         # what a process killed mid-write left behind (the last whole checkpoint is untouched)
         for stale in self.dirpath.glob(f"{TEMPORARY}*") if self.dirpath.is_dir() else ():
             stale.unlink(missing_ok=True)
-
-    # ---- when to save ------------------------------------------------------------------------
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # from here on (the warm-up included), Ctrl-C stops at the next update boundary and saves
         self._stop_requested = False
         self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    # ---- when to save ------------------------------------------------------------------------
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._stop_requested:  # a second Ctrl-C aborts at once, without saving
