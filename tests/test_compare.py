@@ -74,10 +74,17 @@ def test_a_resumed_run_reads_as_its_latest_attempt(resumed_store):
 
 
 def test_compare_command_reports_the_latest_attempt(resumed_store, capsys):
-    main(["--tracking-uri", resumed_store, "--threshold", "900"])
-    line = next(line for line in capsys.readouterr().out.splitlines() if "hopper-2" in line)
+    main(["--tracking-uri", resumed_store, "--threshold", "900", "--runs"])
+    out = capsys.readouterr().out.splitlines()
+    line = next(line for line in out if "hopper-2" in line)
     # env_steps, best, last, first_step_at_900: the interrupted attempt's 950 at 3000 is gone
     assert line.split()[-4:] == ["4000", "920.0", "920.0", "4000.0"]
+    # the table over seeds: the three runs (no seed logged, shown as ?) in one group; first >= 900
+    # at 3000 (hopper-0), never (hopper-1) and 4000 (hopper-2), of which 3000 is the median
+    assert "3 runs in 1 groups (task, algo)" in " ".join(out)
+    row = out[-1].split()
+    assert row[:6] == ["hopper", "SAC", "3", "?", "?", "?"]
+    assert row[-8:] == ["?:3000", "?:never", "?:4000", "4000", "?:yes", "?:no", "?:yes", "2/3"]
 
 
 def test_curves_and_summary(small_store):
@@ -90,9 +97,12 @@ def test_curves_and_summary(small_store):
 
 
 def test_compare_command_saves_a_figure(small_store, in_tmp, capsys):
-    main(["--tracking-uri", small_store, "--out", str(in_tmp / "curves.png")])
+    """--out with a figure's suffix saves only the per-run learning curves, as it did before --out
+    took a folder."""
+    main(["--tracking-uri", small_store, "--out", str(in_tmp / "curves.png"), "--runs"])
     assert "hopper-0" in capsys.readouterr().out
     assert (in_tmp / "curves.png").stat().st_size > 1000
+    assert not (in_tmp / "seed_table.csv").exists()
 
 
 def test_notebook_runs_on_a_small_store(resumed_store, monkeypatch):
@@ -103,7 +113,11 @@ def test_notebook_runs_on_a_small_store(resumed_store, monkeypatch):
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     assert any("3 runs, 10 evaluations" in out.get("text", "") for out in outputs)  # hopper-2's latest attempt
     figures = sum("image/png" in out.get("data", {}) for out in outputs)
-    assert figures == 2, f"the notebook drew {figures} figures, not the return and MPDP's diagnostics"
+    # hopper's curves over seeds (return, horizon and model error panels) and the per-run curves;
+    # no beta figure, as these runs do not vary beta
+    assert figures == 2, f"the notebook drew {figures} figures, not the seed bands and the per-run curves"
     lines = [line for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
              for line in out.get("data", {}).get("text/plain", "").splitlines()]
-    assert any("hopper-0" in line for line in lines)
+    tables = [out["data"]["text/html"] for out in outputs if "text/html" in out.get("data", {})]
+    assert any("SAC" in html and "?:3000 ?:never ?:4000" in html and "2/3" in html for html in tables)  # over seeds
+    assert any("hopper-0" in line for line in lines)  # per-run table

@@ -1,23 +1,30 @@
-"""Compare runs from the MLflow store: a table and learning curves against env steps.
+"""Compare runs from the MLflow store: load them, and the command line that prints the table over
+seeds and writes the figures.
 
-    python -m mpdp_lightning.compare --experiment mpdp --out curves.png
+    python -m mpdp_lightning.compare --experiment mpdp --sweep ip-beta --threshold 900 --out compare/
 
-notebooks/runs.ipynb uses the same functions interactively.
+``seeds`` aggregates over seeds, ``figures`` draws the paper-style figures and ``summary_run`` puts
+them into the sweep's summary run in MLflow; notebooks/runs.ipynb uses the same functions.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 from typing import Iterable, Optional
 
 import pandas as pd
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# The metrics of the figures: the return (Fig. 1), MPDP's mean horizon (Fig. 2), the model error (Fig. 3).
+FIGURE_METRICS = ("eval/return", "train/horizon_mean", "model/error_l2")
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def latest_attempt(points: Iterable[Metric]) -> list[Metric]:
@@ -40,37 +47,183 @@ def latest_attempt(points: Iterable[Metric]) -> list[Metric]:
     return [latest[step] for step in sorted(latest)]
 
 
+def training_runs(
+    client: MlflowClient, experiment: str, filter_string: str = "", sweep: Optional[str] = None
+) -> list[Run]:
+    """The training runs of ``experiment``: runs with an ``algo`` tag (a sweep's summary run, which
+    holds its figures, has none), of the sweep ``sweep`` when given, all pages of the search."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no experiment {experiment!r} in {client.tracking_uri}")
+    runs, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], filter_string=filter_string, page_token=token)
+        runs += [
+            run for run in page
+            if run.data.tags.get("algo") and run.data.tags.get("sweep_summary") != "true"
+            and (sweep is None or run.data.tags.get("sweep") == sweep)
+        ]
+        token = page.token
+        if not token:
+            return runs
+
+
+def _run_columns(run: Run) -> dict:
+    info, data = run.info, run.data
+    return {
+        "run_id": info.run_id,
+        "run_name": info.run_name,
+        "task": data.tags.get("task", data.params.get("task")),
+        "algo": data.tags.get("algo"),
+        "seed": data.tags.get("seed", data.params.get("seed_everything")),
+        "status": info.status,
+    }
+
+
+def _runs_frame(runs: list[Run]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        row = {**run.data.params}
+        row.update(_run_columns(run))
+        row.update(sweep=run.data.tags.get("sweep"), preset=run.data.tags.get("preset", run.data.params.get("preset")),
+                   start_time=run.info.start_time)
+        rows.append(row)
+    meta = ["run_id", "run_name", "task", "algo", "seed", "status", "sweep", "preset", "start_time"]
+    frame = pd.DataFrame(rows, columns=list(dict.fromkeys(meta + sorted({k for row in rows for k in row}))))
+    return frame.sort_values(["task", "algo", "start_time"], ignore_index=True)
+
+
+def _curves_frame(client: MlflowClient, runs: list[Run], metric: str) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        columns = _run_columns(run)
+        for point in latest_attempt(client.get_metric_history(run.info.run_id, metric)):
+            rows.append({**columns, "env_steps": point.step, "value": point.value})
+    columns = ["run_id", "run_name", "task", "algo", "seed", "status", "env_steps", "value"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["run_name", "env_steps"], ignore_index=True)
+
+
+def load_runs(
+    tracking_uri: str = DEFAULT_TRACKING_URI,
+    experiment: str = "mpdp",
+    filter_string: str = "",
+    sweep: Optional[str] = None,
+) -> pd.DataFrame:
+    """One row per training run (see ``training_runs``): run_id, run_name, task, algo, seed (the
+    tag ``seed``, else the param ``seed_everything``), status, sweep, preset, start_time, then
+    every param under its own name (``model.init_args.beta``, ...), as text."""
+    client = MlflowClient(tracking_uri)
+    return _runs_frame(training_runs(client, experiment, filter_string, sweep))
+
+
 def load_curves(
     tracking_uri: str = DEFAULT_TRACKING_URI,
     experiment: str = "mpdp",
     metric: str = "eval/return",
     filter_string: str = "",
+    sweep: Optional[str] = None,
 ) -> pd.DataFrame:
-    """One row per env step of ``metric`` and run: run_id, run_name, task, algo, seed, status,
-    env_steps, value. Where a resumed run logged a step twice, the latest attempt's value
+    """One row per env step of ``metric`` and training run: run_id, run_name, task, algo, seed,
+    status, env_steps, value. Where a resumed run logged a step twice, the latest attempt's value
     (see ``latest_attempt``)."""
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise ValueError(f"no experiment {experiment!r} in {tracking_uri}")
-    rows = []
-    for run in client.search_runs([found.experiment_id], filter_string=filter_string):
-        info, data = run.info, run.data
-        for point in latest_attempt(client.get_metric_history(info.run_id, metric)):
-            rows.append(
-                {
-                    "run_id": info.run_id,
-                    "run_name": info.run_name,
-                    "task": data.tags.get("task", data.params.get("task")),
-                    "algo": data.tags.get("algo"),
-                    "seed": data.params.get("seed_everything"),
-                    "status": info.status,
-                    "env_steps": point.step,
-                    "value": point.value,
-                }
-            )
-    columns = ["run_id", "run_name", "task", "algo", "seed", "status", "env_steps", "value"]
-    return pd.DataFrame(rows, columns=columns).sort_values(["run_name", "env_steps"], ignore_index=True)
+    return _curves_frame(client, training_runs(client, experiment, filter_string, sweep), metric)
+
+
+def load_comparison(
+    tracking_uri: str = DEFAULT_TRACKING_URI,
+    experiment: str = "mpdp",
+    filter_string: str = "",
+    sweep: Optional[str] = None,
+    metrics: Iterable[str] = FIGURE_METRICS,
+) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """``load_runs`` and ``load_curves`` of each of ``metrics`` from one search:
+    ``(runs, {metric: curves})``, what ``seeds.seed_table`` and ``figures.make_figures`` take."""
+    client = MlflowClient(tracking_uri)
+    found = training_runs(client, experiment, filter_string, sweep)
+    return _runs_frame(found), {metric: _curves_frame(client, found, metric) for metric in metrics}
+
+
+def write_comparison(
+    tracking_uri: str,
+    experiment: str,
+    out_dir: str | os.PathLike,
+    sweep: Optional[str] = None,
+    threshold: Optional[float] = None,
+    group_by: Iterable[str] = (),
+    filter_string: str = "",
+    auto_group: bool = True,
+) -> list[Path]:
+    """Load the training runs of ``experiment`` (of ``sweep``, when given) and ``write_report``
+    them into ``out_dir``. Returns the paths written. Raises ValueError when there are none."""
+    runs, curves = load_comparison(tracking_uri, experiment, filter_string, sweep)
+    if runs.empty:
+        raise ValueError(_no_runs_message(tracking_uri, experiment, sweep, filter_string))
+    return write_report(runs, curves, out_dir, threshold, group_by, auto_group,
+                        source=_source(tracking_uri, experiment, sweep))
+
+
+def write_report(
+    runs: pd.DataFrame,
+    curves: dict[str, pd.DataFrame],
+    out_dir: str | os.PathLike,
+    threshold: Optional[float] = None,
+    group_by: Iterable[str] = (),
+    auto_group: bool = True,
+    source: str = "",
+) -> list[Path]:
+    """Write into ``out_dir`` the table over seeds (``seed_table.csv``, numeric; ``seed_table.md``,
+    as printed, with what its columns mean), the per-run measures (``runs.csv``) and the figures
+    (``figures.write_figures``). Returns the paths written, tables first."""
+    from mpdp_lightning import figures, seeds
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = seeds.seed_table(runs, curves["eval/return"], threshold, group_by, auto_group)
+    written = [out / "seed_table.csv", out / "seed_table.md", out / "runs.csv"]
+    table.to_csv(written[0], index=False)
+    written[1].write_text(_markdown_report(table, source, threshold))
+    keys = [key for key in table.columns[: list(table.columns).index("runs")] if key not in ("task", "algo", "sweep")]
+    per_run = seeds.per_run(runs, curves["eval/return"], threshold).merge(
+        runs[["run_id", *keys]], on="run_id", how="left")
+    per_run.to_csv(written[2], index=False)
+    written += figures.write_figures(runs, curves, out, threshold=threshold, group_by=group_by, auto_group=auto_group)
+    return written
+
+
+def _source(tracking_uri: str, experiment: str, sweep: Optional[str]) -> str:
+    return f"experiment {experiment!r}" + (f", sweep {sweep!r}" if sweep else "") + f" in {tracking_uri}"
+
+
+def _no_runs_message(tracking_uri: str, experiment: str, sweep: Optional[str], filter_string: str) -> str:
+    message = f"no training runs in {_source(tracking_uri, experiment, sweep)}"
+    if filter_string:
+        message += f" matching {filter_string!r}"
+    if sweep:
+        client = MlflowClient(tracking_uri)
+        tagged = [run.data.tags.get("sweep") for run in training_runs(client, experiment)]
+        names = sorted({name for name in tagged if name})
+        message += f"; sweeps there: {', '.join(names) if names else 'none'}"
+    return message
+
+
+def _markdown_report(table: pd.DataFrame, source: str, threshold: Optional[float]) -> str:
+    from mpdp_lightning import seeds
+
+    lines = [
+        "# Eval return over seeds" + (f": {source}" if source else ""),
+        "",
+        "return@p%: the latest evaluation at or before p % of the budget (env_interaction.total_env_steps),"
+        " mean ± sample std (ddof=1; nan for a single run) over the runs; (n=k) where only k runs got that far.",
+        "",
+        "mean return (AUC): trapezoid area under eval return against env steps over the span of the"
+        " evaluations, divided by that span; runs that reached the end of their budget.",
+    ]
+    if threshold is not None:
+        lines += ["", f"first >= {threshold:g}: per seed, the first env step with eval return >= {threshold:g};"
+                     " median first: never-reached counts as infinitely late; stays: every later evaluation"
+                     " stays >= the threshold."]
+    return "\n".join(lines) + "\n\n" + seeds.to_markdown(seeds.format_table(table))
 
 
 def summarize(curves: pd.DataFrame, threshold: Optional[float] = None) -> pd.DataFrame:
@@ -101,23 +254,78 @@ def plot_curves(curves: pd.DataFrame, metric: str = "eval/return", ax=None):
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mpdp_lightning.compare",
+        description="Compare training runs from the MLflow store: a table over seeds (mean ± std of"
+        " eval return at 25/50/75 % of the budget and at the end, area under the curve, first env step"
+        " at a threshold) per task, algorithm and override values, and the paper-style figures.")
     parser.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
     parser.add_argument("--experiment", default="mpdp")
-    parser.add_argument("--metric", default="eval/return")
+    parser.add_argument("--sweep", default=None, metavar="NAME", help="only the runs tagged sweep=NAME")
     parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"tags.task = 'hopper'\"")
-    parser.add_argument("--threshold", type=float, default=None, help="report the first env step reaching it")
-    parser.add_argument("--out", default=None, help="save the learning-curve figure here (png, pdf, svg)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="report per seed the first env step with eval return >= it, and whether it stays")
+    parser.add_argument("--group-by", action="append", default=[], metavar="KEY",
+                        help="a param whose values make separate groups (repeatable), e.g. model.init_args.beta"
+                        " (or model.beta, beta); params that differ within a sweep are found without it")
+    parser.add_argument("--no-auto-group", action="store_true",
+                        help="group only by task, algo, sweep and the --group-by params")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="write seed_table.csv, seed_table.md, runs.csv and the figures (PNG) into DIR;"
+                        " a file name ending in .png, .pdf or .svg saves only the per-run curves of --metric")
+    parser.add_argument("--log-to-mlflow", action="store_true",
+                        help="log the table and figures as artifacts of the sweep's summary run (needs --sweep)")
+    parser.add_argument("--runs", action="store_true", help="print the per-run table of --metric too")
+    parser.add_argument("--metric", default="eval/return", help="the metric of --runs and of a figure file --out")
     args = parser.parse_args(argv)
-    curves = load_curves(args.tracking_uri, args.experiment, args.metric, args.filter)
-    with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print(summarize(curves, args.threshold).to_string(index=False))
-    if args.out:
+    if args.log_to_mlflow and not args.sweep:
+        parser.error("--log-to-mlflow needs --sweep NAME: the figures go to that sweep's summary run")
+    try:
+        _compare(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from mpdp_lightning import seeds
+
+    runs, curves = load_comparison(args.tracking_uri, args.experiment, args.filter, args.sweep,
+                                   list(dict.fromkeys([*FIGURE_METRICS, args.metric])))
+    if runs.empty:
+        raise ValueError(_no_runs_message(args.tracking_uri, args.experiment, args.sweep, args.filter))
+    table = seeds.seed_table(runs, curves["eval/return"], args.threshold, args.group_by, not args.no_auto_group)
+    keys = [seeds.short_name(key) for key in table.columns[: list(table.columns).index("runs")]]
+    with pd.option_context("display.width", 250, "display.max_columns", 60, "display.max_colwidth", 80):
+        if args.runs:
+            print(summarize(curves[args.metric], args.threshold).to_string(index=False))
+            print()
+        print(f"{len(runs)} runs in {len(table)} groups ({', '.join(keys)}) from"
+              f" {_source(args.tracking_uri, args.experiment, args.sweep)}; mean ± std (ddof=1) over seeds:")
+        print(seeds.format_table(table).to_string(index=False))
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix.lower() in FIGURE_SUFFIXES:
         import matplotlib
 
         matplotlib.use("Agg")
-        plot_curves(curves, args.metric).savefig(args.out, dpi=120, bbox_inches="tight")
-        print(f"saved {args.out}")
+        plot_curves(curves[args.metric], args.metric).savefig(out, dpi=120, bbox_inches="tight")
+        print(f"saved {out}")
+        out = None
+    if out is None and not args.log_to_mlflow:
+        return
+    import tempfile
+
+    source = _source(args.tracking_uri, args.experiment, args.sweep)
+    with tempfile.TemporaryDirectory(prefix="mpdp-compare-") as scratch:
+        written = write_report(runs, curves, out or scratch, args.threshold, args.group_by,
+                               not args.no_auto_group, source)
+        if out is not None:
+            print(f"wrote {len(written)} files into {out}: {', '.join(path.name for path in written)}")
+        if args.log_to_mlflow:
+            from mpdp_lightning.summary_run import log_to_mlflow
+
+            run_id = log_to_mlflow(written, args.tracking_uri, args.experiment, args.sweep)
+            print(f"logged {len(written)} files to the summary run {run_id} of sweep {args.sweep!r}")
 
 
 if __name__ == "__main__":

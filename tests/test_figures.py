@@ -1,0 +1,113 @@
+"""The figures over seeds and the sweep's summary run, on the synthetic store of tests/seed_store.py."""
+
+import math
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.collections import PolyCollection
+from mlflow.tracking import MlflowClient
+
+import seed_store
+from mpdp_lightning import figures
+from mpdp_lightning.compare import load_comparison, main
+from mpdp_lightning.summary_run import log_to_mlflow
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return seed_store.shared(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def made(store):
+    runs, curves = load_comparison(store, "mpdp", sweep="s1")
+    return figures.make_figures(runs, curves, threshold=900)
+
+
+def _labels(ax):
+    return [line.get_label() for line in ax.lines if not line.get_label().startswith("_")]
+
+
+def _bands(ax):
+    return [c for c in ax.collections if isinstance(c, PolyCollection)]
+
+
+def test_runs_are_aligned_on_the_union_of_their_steps():
+    curves = pd.DataFrame({"run_id": ["a", "a", "b", "b"], "env_steps": [1000, 2000, 1500, 2500],
+                           "value": [0.0, 100.0, 10.0, 30.0]})
+    curve = figures.aligned(curves)
+    assert curve["env_steps"].tolist() == [1000, 1500, 2000, 2500]
+    assert curve["runs"].tolist() == [1, 2, 2, 1]  # no extrapolation past a run's own points
+    assert curve["mean"].tolist() == pytest.approx([0.0, 30.0, 60.0, 30.0])  # a at 1500: 50, b at 2000: 20
+    assert curve["std"].iloc[1] == pytest.approx(40 / math.sqrt(2))  # ddof=1
+    assert math.isnan(curve["std"].iloc[0])
+
+
+def test_one_band_per_algorithm_and_override(made):
+    assert set(made) == {"hopper_curves", "hopper_final_return_vs_beta"}
+    ret, horizon, error = made["hopper_curves"].axes
+    assert [ax.get_title() for ax in (ret, horizon, error)] == [
+        "Eval return (Fig. 1)", "Mean imagined horizon (Fig. 2)", "Model error (Fig. 3)"]
+    assert all(ax.get_xlabel() == "env steps" for ax in (ret, horizon, error))
+    assert _labels(ret) == ["MPDP, beta=0.2 (n=2)", "MPDP, beta=0.5 (n=1)", "SAC (n=3)", "threshold 900"]
+    assert len(_bands(ret)) == 2  # SAC and beta 0.2; a single run has no spread to draw
+    assert any(line.get_linestyle() == ":" for line in ret.lines)  # beta 0.2's seed 1 stopped at 3000
+    assert _labels(horizon) == ["MPDP, beta=0.2 (n=2)", "MPDP, beta=0.5 (n=1)"]  # SAC logs none
+    assert error.get_yscale() == "log"
+    legend = made["hopper_curves"].legends[0]
+    assert "SAC (n=3)" in [text.get_text() for text in legend.get_texts()]
+
+
+def test_final_return_against_beta(made):
+    (ax,) = made["hopper_final_return_vs_beta"].axes
+    (bars,) = ax.containers  # one errorbar line: MPDP, the only algorithm whose runs vary beta
+    assert bars.get_label() == "MPDP (n=1 per beta)"
+    line = bars.lines[0]
+    assert line.get_xdata().tolist() == [0.2, 0.5]
+    assert line.get_ydata().tolist() == [900.0, 400.0]  # seed 1 of beta 0.2 has no final return
+    assert "beta" in ax.get_xlabel() and "Fig. 4" in ax.get_title()
+
+
+def test_figures_are_written_as_png(store, tmp_path):
+    runs, curves = load_comparison(store, "mpdp", sweep="s1")
+    paths = figures.write_figures(runs, curves, tmp_path / "figs", threshold=900)
+    assert [path.name for path in paths] == ["hopper_curves.png", "hopper_final_return_vs_beta.png"]
+    curves_png = matplotlib.image.imread(paths[0])
+    height, width = curves_png.shape[:2]
+    assert 400 < height < 900 and 1500 < width < 2200  # three panels side by side, at 120 dpi
+    assert np.ptp(curves_png[..., :3]) > 0.5  # something is drawn
+    beta_png = matplotlib.image.imread(paths[1])
+    assert 400 < beta_png.shape[0] < 900 and 500 < beta_png.shape[1] < 1200
+
+
+def test_summary_run_is_created_once_and_reused(store, tmp_path):
+    runs, curves = load_comparison(store, "mpdp", sweep="s2")
+    paths = figures.write_figures(runs, curves, tmp_path)
+    table = tmp_path / "seed_table.md"
+    table.write_text("| task |\n")
+    first = log_to_mlflow([table, *paths], store, "mpdp", "s2")
+    second = log_to_mlflow([table, *paths], store, "mpdp", "s2")
+    assert first == second
+    client = MlflowClient(store)
+    experiment_id = client.get_experiment_by_name("mpdp").experiment_id
+    summaries = [run for run in client.search_runs([experiment_id], "tags.sweep_summary = 'true'")
+                 if run.data.tags["sweep"] == "s2"]
+    assert [run.info.run_name for run in summaries] == ["s2-summary"]
+    assert summaries[0].info.status == "FINISHED" and "algo" not in summaries[0].data.tags
+    assert [a.path for a in client.list_artifacts(first)] == ["figures", "seed_table.md"]
+    assert [a.path for a in client.list_artifacts(first, "figures")] == ["figures/hopper_curves.png"]
+
+
+def test_command_logs_to_the_existing_summary_run(store, capsys):
+    client = MlflowClient(store)
+    experiment_id = client.get_experiment_by_name("mpdp").experiment_id
+    existing = client.search_runs([experiment_id], "attributes.run_name = 's1-summary'")
+    main(["--tracking-uri", store, "--sweep", "s1", "--threshold", "900", "--log-to-mlflow"])
+    assert f"summary run {existing[0].info.run_id} of sweep 's1'" in capsys.readouterr().out
+    assert len(client.search_runs([experiment_id], "attributes.run_name = 's1-summary'")) == 1
+    artifacts = {a.path for a in client.list_artifacts(existing[0].info.run_id)}
+    assert artifacts == {"figures", "seed_table.csv", "seed_table.md", "runs.csv"}
+    figures_logged = {a.path for a in client.list_artifacts(existing[0].info.run_id, "figures")}
+    assert figures_logged == {"figures/hopper_curves.png", "figures/hopper_final_return_vs_beta.png"}
