@@ -9,7 +9,7 @@ ARGS ?=
 RESUME ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install train test ui bench-model clean
+.PHONY: install install-sweep train sweep compare test ui bench-model clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,23 @@ train: install
 	fi; \
 	$(PY) -m mpdp_lightning fit --config conf/base.yaml --config conf/algo/$(ALGO).yaml \
 		--config conf/task/$(TASK).yaml $$preset_config $(if $(RESUME),--ckpt_path $(RESUME)) $(ARGS)
+
+# Ray Tune for sweeps: an optional extra, not needed by train or test
+install-sweep: $(VENV)/.installed-sweep
+
+$(VENV)/.installed-sweep: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,sweep]'
+	touch $@
+
+# make sweep SWEEP=conf/sweep/ip-sac-vs-mpdp.yaml [ARGS="--dry-run"]: every task x algo x seed x
+# grid value is a Ray Tune trial running the same training as make train; run it again to resume.
+SWEEP ?= conf/sweep/ip-sac-vs-mpdp.yaml
+sweep: install-sweep
+	$(PY) -m mpdp_lightning.sweep $(SWEEP) $(ARGS)
+
+# make compare ARGS="--experiment ip-sac-vs-mpdp --sweep ip-sac-vs-mpdp --threshold 900 --out figures"
+compare: install
+	$(PY) -m mpdp_lightning.compare $(ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -67,6 +67,7 @@ def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool)
         if new:
             logger.log_hyperparams(new)
         client.set_tag(run_id, "task", str(as_dict.get("task")))
+        client.set_tag(run_id, "seed", str(as_dict.get("seed_everything")))
         if as_dict.get("preset"):
             client.set_tag(run_id, "preset", str(as_dict["preset"]))
         client.set_tag(run_id, "algo", str(as_dict.get("model", {}).get("class_path", "")).rsplit(".", 1)[-1])

@@ -1,0 +1,380 @@
+"""Sweeps on Ray Tune: every combination of task, algorithm, seed and override values is one
+trial that runs the very same LightningCLI training as ``make train``, into one MLflow experiment.
+
+    python -m mpdp_lightning.sweep conf/sweep/ip-sac-vs-mpdp.yaml [--dry-run] [-- extra CLI args]
+
+(``make sweep SWEEP=conf/sweep/<name>.yaml``). A trial is a subprocess ``python -m mpdp_lightning
+fit ...`` started by a Ray Tune function trainable, not the CLI called in the Ray worker: the CLI
+installs signal handlers (Ctrl-C, SIGTERM save a checkpoint) that only work in a main thread, and
+a process of its own isolates torch's threads and MLflow's global state. Each trial logs its own
+MLflow run (tags task, algo, seed, sweep, trial) with our MLFlowLogger, so none of Ray's MLflow
+integration is involved (it ignores the tracking URI inside trials and makes trials share runs).
+
+Resumable without Ray's experiment state: a trial's folder ``<storage>/<trial>/`` holds its
+checkpoint, its log and, once it has finished, ``done.json``. Running the sweep again skips the
+finished trials and resumes the others from their ``last.ckpt`` (same MLflow run), so a sweep cut
+off after an hour loses at most ``checkpoint_every`` env steps per running trial. When the Ray
+worker of a trial dies, the trial's process receives SIGTERM (Linux's parent-death signal), saves
+and exits. After the trials, the seed table and the figures are written and logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from mpdp_lightning.errors import MPDPError
+from mpdp_lightning.tasks import TASKS
+
+PROGRESS = re.compile(r"env steps (\d+)/(\d+) .*· eval return (\S+) · ([\d.]+) env steps/s")
+SWEEP_KEYS = {"name", "tasks", "algos", "seeds", "grid", "preset", "args", "cpus_per_trial", "gpus_per_trial",
+              "threshold", "group_by"}
+PRESETS = ("auto", "quick", "paper")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One run of the sweep: a task, an algorithm, a seed and the override values."""
+
+    task: str
+    algo: str
+    seed: int
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def key(self) -> str:
+        """A folder and run name that says what the trial is: ``inverted_pendulum-mpdp-s3-beta=0.5``."""
+        parts = [self.task, self.algo, f"s{self.seed}"]
+        parts += [f"{name.rsplit('.', 1)[-1]}={value}" for name, value in self.overrides]
+        return re.sub(r"[^\w.=+-]", "_", "-".join(parts))
+
+
+@dataclass
+class Sweep:
+    """A sweep file (conf/sweep/*.yaml): every combination of tasks x algos x seeds x grid is a trial.
+
+    Args:
+        name: the sweep's name: its MLflow experiment, its folder and the ``sweep`` tag of its runs.
+        tasks: task names (conf/task/<task>.yaml).
+        algos: algorithm configs (conf/algo/<algo>.yaml).
+        seeds: one trial per seed (``--seed_everything``).
+        grid: override -> list of values, e.g. ``model.beta: [0, 0.5]``; every combination is a trial.
+        preset: MPDP's preset, as ``make train`` (auto: paper where torch sees a GPU, quick otherwise).
+        args: command-line arguments added to every trial.
+        cpus_per_trial: CPU cores of each trial; its torch and OpenMP threads are set to match.
+        gpus_per_trial: GPUs of each trial where Ray sees GPUs (a fraction shares one); None: 0.25 on
+            a GPU machine, 0 otherwise.
+        threshold: eval return of the comparison's "first env step at threshold" columns.
+        group_by: params that split the comparison beside task and algo (the grid's by default).
+    """
+
+    name: str
+    tasks: list[str]
+    algos: list[str]
+    seeds: list[int]
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    preset: str = "auto"
+    args: list[str] = field(default_factory=list)
+    cpus_per_trial: int = 1
+    gpus_per_trial: Optional[float] = None
+    threshold: Optional[float] = None
+    group_by: Optional[list[str]] = None
+
+    @classmethod
+    def load(cls, path: str | Path, conf_dir: Path) -> "Sweep":
+        """Read and check a sweep file (one-line errors naming the problem)."""
+        path = Path(path)
+        if not path.is_file():
+            raise MPDPError(f"sweep file {path} does not exist; the project's sweeps: {', '.join(sorted(p.name for p in (conf_dir / 'sweep').glob('*.yaml')))}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise MPDPError(f"sweep file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+        if not isinstance(data, dict):
+            raise MPDPError(f"sweep file {path} must be a mapping of {', '.join(sorted(SWEEP_KEYS))}")
+        unknown = set(data) - SWEEP_KEYS
+        if unknown:
+            raise MPDPError(f"sweep file {path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(SWEEP_KEYS))}")
+        missing = {"name", "tasks", "algos", "seeds"} - set(data)
+        if missing:
+            raise MPDPError(f"sweep file {path}: missing {', '.join(sorted(missing))}")
+        sweep = cls(**data)
+        sweep.check(path, conf_dir)
+        return sweep
+
+    def check(self, path: Path, conf_dir: Path) -> None:
+        def fail(message: str) -> None:
+            raise MPDPError(f"sweep file {path}: {message}")
+
+        if not re.fullmatch(r"[\w.-]+", str(self.name)):
+            fail(f"name {self.name!r} must be letters, digits, '.', '_' or '-'")
+        for label, values in (("tasks", self.tasks), ("algos", self.algos), ("seeds", self.seeds)):
+            if not isinstance(values, list) or not values:
+                fail(f"{label} must be a non-empty list")
+        for task in self.tasks:
+            if task not in TASKS or not (conf_dir / "task" / f"{task}.yaml").is_file():
+                fail(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+        for algo in self.algos:
+            if not (conf_dir / "algo" / f"{algo}.yaml").is_file():
+                fail(f"unknown algo {algo!r}; known algos: {', '.join(sorted(p.stem for p in (conf_dir / 'algo').glob('*.yaml')))}")
+        if not all(isinstance(seed, int) and seed >= 0 for seed in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            fail(f"seeds must be distinct non-negative integers, got {self.seeds}")
+        if not isinstance(self.grid, dict) or not all(isinstance(v, list) and v for v in self.grid.values()):
+            fail("grid must map each override (e.g. model.beta) to a non-empty list of values")
+        if self.preset not in PRESETS:
+            fail(f"unknown preset {self.preset!r}; known presets: {', '.join(PRESETS)}")
+        if not isinstance(self.args, list):
+            fail("args must be a list of command-line arguments")
+        if not (isinstance(self.cpus_per_trial, int) and self.cpus_per_trial >= 1):
+            fail(f"cpus_per_trial must be a positive integer, got {self.cpus_per_trial}")
+        if self.gpus_per_trial is not None and not 0 <= self.gpus_per_trial:
+            fail(f"gpus_per_trial must be 0 or more, got {self.gpus_per_trial}")
+
+    def trials(self) -> list[Trial]:
+        names = list(self.grid)
+        combos = list(itertools.product(*self.grid.values())) if names else [()]
+        return [
+            Trial(task, algo, seed, tuple(zip(names, values)))
+            for task, algo, values, seed in itertools.product(self.tasks, self.algos, combos, self.seeds)
+        ]
+
+    def resolved_preset(self) -> str:
+        if self.preset != "auto":
+            return self.preset
+        import torch
+
+        return "paper" if torch.cuda.is_available() else "quick"
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a sweep writes: its trials' folders, its MLflow store, and the project's configs."""
+
+    conf_dir: Path
+    storage: Path  # <storage>/<trial key>/{last.ckpt,trial.log,done.json}
+    tracking_uri: str
+
+    def trial_dir(self, trial: Trial) -> Path:
+        return self.storage / trial.key
+
+    def checkpoint(self, trial: Trial) -> Path:
+        return self.trial_dir(trial) / "last.ckpt"
+
+    def done(self, trial: Trial) -> Path:
+        return self.trial_dir(trial) / "done.json"
+
+
+def trial_argv(sweep: Sweep, trial: Trial, place: Place, extra: list[str], preset: str) -> list[str]:
+    """The ``mpdp fit`` arguments of ``trial``: the same config files as ``make train``."""
+    conf = place.conf_dir
+    argv = ["fit", "--config", str(conf / "base.yaml"), "--config", str(conf / "algo" / f"{trial.algo}.yaml"),
+            "--config", str(conf / "task" / f"{trial.task}.yaml")]
+    if trial.algo == "mpdp":  # as make train: MPDP's preset
+        argv += ["--config", str(conf / "preset" / f"{preset}.yaml")]
+    argv += [
+        "--seed_everything", str(trial.seed),
+        "--trainer.logger.init_args.experiment_name", sweep.name,
+        "--trainer.logger.init_args.tracking_uri", place.tracking_uri,
+        "--trainer.logger.init_args.run_name", trial.key,
+        "--trainer.logger.init_args.tags", json.dumps({"sweep": sweep.name, "trial": trial.key}),
+        "--checkpoint.dirpath", str(place.trial_dir(trial)),
+    ]
+    for name, value in trial.overrides:
+        argv += [f"--{name}", json.dumps(value) if not isinstance(value, str) else value]
+    argv += [str(a) for a in sweep.args] + extra
+    if place.checkpoint(trial).is_file():
+        argv += ["--ckpt_path", str(place.checkpoint(trial))]
+    return argv
+
+
+def _die_with_parent() -> None:
+    """In the trial's process: SIGTERM when the Ray worker that started it dies (Linux), so an
+    interrupted sweep leaves each trial saved at an update boundary, not orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: one training subprocess; reports its progress lines to Tune."""
+    from ray import tune
+
+    config = config["trial"]
+    argv, folder, threads = config["argv"], Path(config["folder"]), str(config["threads"])
+    folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, MLFLOW_DISABLE_TELEMETRY="true")
+    start = time.time()
+    with open(folder / "trial.log", "a") as log:
+        log.write(f"$ {shlex.join([sys.executable, '-m', 'mpdp_lightning', *argv])}\n")
+        log.flush()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mpdp_lightning", *argv], cwd=config["cwd"], env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+        )
+        for line in process.stdout:
+            log.write(line)
+            log.flush()
+            found = PROGRESS.search(line)
+            if found:
+                eval_return = None if found[3] == "-" else float(found[3])
+                tune.report({"env_steps": int(found[1]), "eval_return": eval_return, "env_steps_per_second": float(found[4])})
+        code = process.wait()
+    if code != 0:
+        raise RuntimeError(f"trial {folder.name} exited with {code}; its log: {folder / 'trial.log'}")
+    (folder / "done.json").write_text(json.dumps({"seconds": time.time() - start, "finished_at": time.time()}))
+    tune.report({"done": True})
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """Create the sweep's MLflow experiment once, before the trials (two trials creating it at
+    the same moment would race); a SQLite store's artifacts go beside its database."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlruns").absolute().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def plan(sweep: Sweep, place: Place) -> dict[str, list[Trial]]:
+    state: dict[str, list[Trial]] = {"finished": [], "resume": [], "start": []}
+    for trial in sweep.trials():
+        if place.done(trial).is_file():
+            state["finished"].append(trial)
+        elif place.checkpoint(trial).is_file():
+            state["resume"].append(trial)
+        else:
+            state["start"].append(trial)
+    return state
+
+
+def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool = False) -> int:
+    """Run the sweep's unfinished trials on Ray Tune; the number of trials that did not finish."""
+    preset = sweep.resolved_preset()
+    state = plan(sweep, place)
+    pending = state["resume"] + state["start"]
+    print(
+        f"sweep {sweep.name}: {len(sweep.trials())} trials: {len(state['finished'])} finished, "
+        f"{len(state['resume'])} to resume, {len(state['start'])} to start · MLflow experiment '{sweep.name}' "
+        f"in {place.tracking_uri} · trials in {place.storage}",
+        flush=True,
+    )
+    if dry_run:
+        for trial in pending:
+            print(shlex.join([sys.executable, "-m", "mpdp_lightning", *trial_argv(sweep, trial, place, extra, preset)]))
+        return 0
+    if not pending:
+        return 0
+    import ray
+    from ray import tune
+
+    ensure_experiment(place.tracking_uri, sweep.name)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)  # an existing cluster
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    gpus = sweep.gpus_per_trial
+    if gpus is None:
+        gpus = 0.25 if ray.cluster_resources().get("GPU", 0) else 0
+    configs = [
+        {"argv": trial_argv(sweep, trial, place, extra, preset), "folder": str(place.trial_dir(trial)),
+         "threads": sweep.cpus_per_trial, "cwd": str(cwd), "trial": trial.key}
+        for trial in pending
+    ]
+    concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.cpus_per_trial))
+    print(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; "
+          f"{sweep.cpus_per_trial} CPU and {gpus:g} GPU per trial (up to {concurrent} at a time)", flush=True)
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, {"cpu": sweep.cpus_per_trial, "gpu": gpus}),
+        param_space={"trial": tune.grid_search(configs)},
+        tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["trial"]["trial"],
+                                    trial_dirname_creator=lambda t: t.config["trial"]["trial"]),
+        run_config=tune.RunConfig(name="tune", storage_path=str((place.storage / "ray").absolute()), verbose=1),
+    )
+    try:
+        results = tuner.fit()
+    finally:
+        ray.shutdown()
+    unfinished = [trial for trial in pending if not place.done(trial).is_file()]
+    for trial in unfinished:
+        print(f"not finished: {trial.key} (log: {place.trial_dir(trial) / 'trial.log'})", flush=True)
+    if unfinished:
+        print("run the same command again to resume them from their last checkpoints", flush=True)
+    del results
+    return len(unfinished)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mpdp_lightning.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", help="a sweep file, e.g. conf/sweep/ip-sac-vs-mpdp.yaml")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store of the trials (default: the project's sqlite:///mlflow.db; a shared "
+                             "server for a multi-node cluster)")
+    parser.add_argument("--storage", default=None,
+                        help="folder of the trials' checkpoints and logs (default runs/sweeps/<name>; shared "
+                             "storage on a multi-node cluster)")
+    parser.add_argument("--conf", default="conf", help="the project's config folder")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run (each trial's command) and stop")
+    parser.add_argument("--no-compare", action="store_true", help="skip the seed table and figures at the end")
+    parser.add_argument("extra", nargs="*", help="after --: arguments added to every trial's command line")
+    args = parser.parse_args(argv)
+    try:
+        conf_dir = Path(args.conf).absolute()
+        sweep = Sweep.load(args.sweep, conf_dir)
+        storage = Path(args.storage or Path("runs") / "sweeps" / sweep.name).absolute()
+        tracking_uri = args.tracking_uri or f"sqlite:///{Path('mlflow.db').absolute()}"
+        from mpdp_lightning.preflight import check_tracking_uri, check_writable_folder
+
+        check_writable_folder(storage, "the sweep's folder")
+        check_tracking_uri(tracking_uri)
+        place = Place(conf_dir, storage, tracking_uri)
+        unfinished = run(sweep, place, list(args.extra), Path.cwd(), dry_run=args.dry_run)
+        if not args.dry_run and not args.no_compare:
+            compare_sweep(sweep, place)
+    except MPDPError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
+    if unfinished:
+        sys.exit(1)
+
+
+def compare_sweep(sweep: Sweep, place: Place) -> None:
+    """The seed table and the paper-style figures of the sweep, written to ``<storage>/comparison``
+    and logged to the sweep's summary run in MLflow (the UI shows them there)."""
+    from mpdp_lightning.compare import write_comparison
+    from mpdp_lightning.summary_run import log_to_mlflow
+
+    out = place.storage / "comparison"
+    try:
+        paths = write_comparison(place.tracking_uri, sweep.name, out, sweep=sweep.name, threshold=sweep.threshold,
+                                 group_by=sweep.group_by or ())
+    except ValueError as error:  # no trial has logged an evaluation yet
+        print(f"no comparison yet: {error}", flush=True)
+        return
+    run_id = log_to_mlflow(paths, place.tracking_uri, sweep.name, sweep.name)
+    table = out / "seed_table.md"
+    if table.is_file():
+        print(table.read_text(), flush=True)
+    print(f"comparison: {len(paths)} files in {out}, logged to MLflow run {run_id} ({sweep.name}-summary)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Sweeps on Ray Tune: a tiny sweep runs its trials into one MLflow experiment, running it again
+starts no trial, and a trial interrupted mid-run resumes from its checkpoint, same MLflow run."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from helpers import ROOT
+from mpdp_lightning.cli import main as train
+from mpdp_lightning.errors import MPDPError
+from mpdp_lightning.sweep import Place, Sweep, Trial, ensure_experiment, plan, trial_argv
+
+TINY_RUN = ["--env_interaction.total_env_steps", "300", "--env_interaction.warmup_steps", "100",
+            "--evaluation.eval_every", "100", "--evaluation.eval_episodes", "1", "--checkpoint.checkpoint_every", "100",
+            "--model.hidden", "32", "--data.batch_size", "32", "--video.enabled", "false",
+            "--progress_bar.log_every_env_steps", "100"]
+
+
+def _sweep_file(folder: Path, seeds=(0, 1), **more) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "tasks": ["inverted_pendulum"], "algos": ["sac"],
+                                    "seeds": list(seeds), "args": TINY_RUN, **more}))
+    return path
+
+
+def _place(folder: Path) -> Place:
+    return Place(ROOT / "conf", folder / "store", f"sqlite:///{folder / 'mlflow.db'}")
+
+
+def _run_sweep(folder: Path, sweep_file: Path, compare: bool = False) -> subprocess.CompletedProcess:
+    place = _place(folder)
+    return subprocess.run(
+        [sys.executable, "-m", "mpdp_lightning.sweep", str(sweep_file), "--conf", str(place.conf_dir),
+         "--storage", str(place.storage), "--tracking-uri", place.tracking_uri, *([] if compare else ["--no-compare"])],
+        cwd=folder, capture_output=True, text=True, timeout=400,
+    )
+
+
+def _runs(folder: Path):
+    """The sweep's training runs (not its summary run), by trial."""
+    client = MlflowClient(_place(folder).tracking_uri)
+    experiment = client.get_experiment_by_name("tiny")
+    return client.search_runs([experiment.experiment_id], "tags.algo != ''", order_by=["tags.trial"])
+
+
+def test_a_sweep_file_expands_to_one_trial_per_combination(tmp_path):
+    path = _sweep_file(tmp_path, seeds=(0, 1, 2), algos=["sac", "mpdp"], grid={"model.beta": [0.0, 0.5]})
+    sweep = Sweep.load(path, ROOT / "conf")
+    trials = sweep.trials()
+    assert len(trials) == 2 * 2 * 3 and len({t.key for t in trials}) == 12
+    mpdp = Trial("inverted_pendulum", "mpdp", 2, (("model.beta", 0.5),))
+    assert mpdp in trials and mpdp.key == "inverted_pendulum-mpdp-s2-beta=0.5"
+    argv = trial_argv(sweep, mpdp, _place(tmp_path), ["--model.gamma", "0.98"], preset="quick")
+    assert argv[argv.index("--seed_everything") + 1] == "2"
+    assert str(ROOT / "conf/preset/quick.yaml") in argv  # MPDP's preset, as make train
+    assert argv[argv.index("--model.beta") + 1] == "0.5" and argv[-2:] == ["--model.gamma", "0.98"]
+    assert json.loads(argv[argv.index("--trainer.logger.init_args.tags") + 1]) == {"sweep": "tiny", "trial": mpdp.key}
+    sac_argv = trial_argv(sweep, Trial("inverted_pendulum", "sac", 0, (("model.beta", 0.0),)), _place(tmp_path), [], "quick")
+    assert not any("preset" in arg for arg in sac_argv)
+
+
+@pytest.mark.parametrize("content,expected", [
+    ({"name": "x", "tasks": ["walker"], "algos": ["sac"], "seeds": [0]}, "unknown task 'walker'"),
+    ({"name": "x", "tasks": ["hopper"], "algos": ["ppo"], "seeds": [0]}, "unknown algo 'ppo'"),
+    ({"name": "x", "tasks": ["hopper"], "algos": ["sac"], "seeds": [0], "sedes": [1]}, "unknown key(s) sedes"),
+    ({"name": "x", "tasks": ["hopper"], "algos": ["sac"], "seeds": [0, 0]}, "distinct"),
+    ({"name": "x", "tasks": ["hopper"], "algos": ["sac"], "seeds": [0], "grid": {"model.beta": 0.5}}, "grid"),
+    ({"name": "x", "tasks": ["hopper"], "algos": ["sac"]}, "missing seeds"),
+])
+def test_a_bad_sweep_file_is_one_line(tmp_path, content, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(MPDPError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        Sweep.load(path, ROOT / "conf")
+
+
+def test_a_tiny_sweep_runs_its_trials_and_running_it_again_starts_none(tmp_path):
+    pytest.importorskip("ray")
+    sweep_file = _sweep_file(tmp_path)
+    first = _run_sweep(tmp_path, sweep_file)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "2 trials: 0 finished, 0 to resume, 2 to start" in first.stdout
+
+    runs = _runs(tmp_path)
+    assert [r.data.tags["trial"] for r in runs] == ["inverted_pendulum-sac-s0", "inverted_pendulum-sac-s1"]
+    for run, seed in zip(runs, (0, 1)):
+        assert run.info.status == "FINISHED"
+        tags = run.data.tags
+        assert (tags["task"], tags["algo"], tags["seed"], tags["sweep"]) == ("inverted_pendulum", "SAC", str(seed), "tiny")
+    assert all((tmp_path / "store" / r.data.tags["trial"] / "done.json").is_file() for r in runs)
+
+    again = _run_sweep(tmp_path, sweep_file, compare=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "2 trials: 2 finished, 0 to resume, 0 to start" in again.stdout
+    assert "Ray" not in again.stdout + again.stderr, "no trial, so not even Ray is started"
+    assert [(r.info.run_id, r.info.end_time) for r in _runs(tmp_path)] == [(r.info.run_id, r.info.end_time) for r in runs]
+    # the comparison over the seeds, written beside the trials and logged to the sweep's summary run
+    assert (tmp_path / "store/comparison/inverted_pendulum_curves.png").is_file()
+    client = MlflowClient(_place(tmp_path).tracking_uri)
+    (summary,) = client.search_runs([runs[0].info.experiment_id], "tags.sweep_summary = 'true'")
+    figures = [a.path for a in client.list_artifacts(summary.info.run_id, "figures")]
+    assert "figures/inverted_pendulum_curves.png" in figures
+
+
+def test_an_interrupted_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(in_tmp):
+    pytest.importorskip("ray")
+    tmp_path = in_tmp
+    sweep_file = _sweep_file(tmp_path, seeds=(0,))
+    sweep, place = Sweep.load(sweep_file, ROOT / "conf"), _place(tmp_path)
+    (trial,) = sweep.trials()
+    ensure_experiment(place.tracking_uri, sweep.name)  # as the sweep does before its trials
+    # the trial as the sweep starts it, SIGTERMed at env step 200 (a pre-empted or cut-off sweep)
+    stop = '--trainer.callbacks+={"class_path": "helpers.SignalAt", "init_args": {"env_step": 200, "signum": 15}}'
+    with pytest.raises(SystemExit) as exit_info:
+        train(trial_argv(sweep, trial, place, [stop], preset="quick"))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert plan(sweep, place)["resume"] == [trial]
+    (interrupted,) = _runs(tmp_path)
+    assert interrupted.info.status == "KILLED"
+
+    resumed = _run_sweep(tmp_path, sweep_file)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "1 trials: 0 finished, 1 to resume, 0 to start" in resumed.stdout
+    log = (place.trial_dir(trial) / "trial.log").read_text()
+    assert "resumed at env step 200" in log and "run finished at 300 of 300 env steps" in log
+    (run,) = _runs(tmp_path)
+    assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
+    history = MlflowClient(place.tracking_uri).get_metric_history(run.info.run_id, "eval/return")
+    assert sorted({m.step for m in history}) == [100, 200, 300]
