@@ -45,6 +45,15 @@ def test_runs_are_aligned_on_the_union_of_their_steps():
     assert math.isnan(curve["std"].iloc[0])
 
 
+def test_a_log_axis_gets_a_geometric_band_that_stays_positive():
+    # model errors spread over a decade: mean - std would be below 0 and vanish from a log axis
+    curves = pd.DataFrame({"run_id": ["a", "b", "c"], "env_steps": [1000] * 3, "value": [0.001, 0.01, 0.1]})
+    assert figures.aligned(curves)["lower"].iloc[0] < 0
+    curve = figures.aligned(curves, log=True)
+    assert curve["mean"].iloc[0] == pytest.approx(0.01)  # the geometric mean
+    assert curve["lower"].iloc[0] == pytest.approx(0.001) and curve["upper"].iloc[0] == pytest.approx(0.1)
+
+
 def test_one_band_per_algorithm_and_override(made):
     assert set(made) == {"hopper_curves", "hopper_final_return_vs_beta"}
     ret, horizon, error = made["hopper_curves"].axes

@@ -6,7 +6,7 @@ final eval return against beta (Fig. 4) where the runs vary ``model.init_args.be
 Aligning runs: a group's runs are put on the union of the env steps at which any of them logged
 the metric, each run linearly interpolated between its own points and never extrapolated past
 its first or last one. At each step the mean and the sample std (ddof=1) are over the runs that
-cover it. The line is solid where every run of the group covers the step and dotted where fewer
+cover it (of log values for the model error, drawn on a log axis: a geometric mean and band). The line is solid where every run of the group covers the step and dotted where fewer
 do (a run that stopped early or is still running); the band is drawn where at least two runs
 cover the step (one run has no spread to show). With runs of one config, which evaluate at the
 same env steps, the union grid is the common eval grid and nothing is interpolated.
@@ -42,19 +42,30 @@ PANELS = {
 PANEL_WIDTH, PANEL_HEIGHT = 5.2, 3.9
 
 
-def aligned(curves: pd.DataFrame) -> pd.DataFrame:
+def aligned(curves: pd.DataFrame, log: bool = False) -> pd.DataFrame:
     """The runs of ``curves`` (run_id, env_steps, value) on the union of their env steps (see the
-    module docstring): env_steps, mean, std (ddof=1; NaN where fewer than two runs), runs (how
-    many runs cover the step)."""
+    module docstring): env_steps, mean, std (ddof=1; NaN where fewer than two runs), the band's
+    lower and upper edges, runs (how many runs cover the step).
+
+    With ``log`` (a positive quantity drawn on a log axis, the model error) the statistics are taken
+    of log(value): the mean is the geometric mean and the band mean ×/÷ exp(std), which stays
+    positive; mean - std of a spread-out positive quantity goes below 0 and off a log axis.
+    """
     grid = np.unique(curves["env_steps"].to_numpy(dtype=float))
     matrix = np.full((curves["run_id"].nunique(), len(grid)), np.nan)
     for row, (_, run) in enumerate(curves.sort_values("env_steps").groupby("run_id", sort=True)):
         steps, values = run["env_steps"].to_numpy(dtype=float), run["value"].to_numpy(dtype=float)
+        if log:
+            values = np.log(values)
         inside = (grid >= steps[0]) & (grid <= steps[-1])
         matrix[row, inside] = np.interp(grid[inside], steps, values)
     frame = pd.DataFrame(matrix)
-    return pd.DataFrame({"env_steps": grid, "mean": frame.mean().to_numpy(),
-                         "std": frame.std(ddof=1).to_numpy(), "runs": frame.count().to_numpy()})
+    mean, std = frame.mean().to_numpy(), frame.std(ddof=1).to_numpy()
+    lower, upper = mean - std, mean + std
+    if log:
+        mean, std, lower, upper = np.exp(mean), np.exp(std), np.exp(lower), np.exp(upper)
+    return pd.DataFrame({"env_steps": grid, "mean": mean, "std": std, "lower": lower, "upper": upper,
+                         "runs": frame.count().to_numpy()})
 
 
 def draw_band(ax: Axes, curve: pd.DataFrame, runs: int, color, label: str) -> None:
@@ -67,8 +78,8 @@ def draw_band(ax: Axes, curve: pd.DataFrame, runs: int, color, label: str) -> No
     ax.plot(steps, np.where(full, mean, np.nan), color=color, linewidth=1.8, marker=marker, label=label)
     spread = curve["runs"].to_numpy() >= 2
     if spread.any():
-        std = curve["std"].to_numpy()
-        ax.fill_between(steps, mean - std, mean + std, where=spread, color=color, alpha=0.2, linewidth=0)
+        ax.fill_between(steps, curve["lower"].to_numpy(), curve["upper"].to_numpy(), where=spread, color=color,
+                        alpha=0.2, linewidth=0)
 
 
 def _env_steps_axis(ax: Axes) -> None:
@@ -121,15 +132,16 @@ def task_figure(task: str, runs: pd.DataFrame, curves: dict[str, pd.DataFrame], 
     for ax, metric in zip(axes, metrics):
         title, ylabel, log = PANELS[metric]
         frame = curves.get(metric, pd.DataFrame(columns=["run_id", "env_steps", "value"]))
+        log = log and frame["run_id"].isin(ids).any() and (frame.loc[frame["run_id"].isin(ids), "value"] > 0).all()
         for (values, run_ids), color in zip(groups, colors):
             points = frame[frame["run_id"].isin(run_ids)]
             if points.empty:
                 continue
             label = f"{group_label(values, keys)} (n={len(run_ids)})"
-            draw_band(ax, aligned(points), points["run_id"].nunique(), color, label)
+            draw_band(ax, aligned(points, log=log), points["run_id"].nunique(), color, label)
         if metric == "eval/return" and threshold is not None:
             ax.axhline(threshold, color="0.4", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-        if log and frame["run_id"].isin(ids).any() and (frame.loc[frame["run_id"].isin(ids), "value"] > 0).all():
+        if log:
             ax.set_yscale("log")
         ax.set_title(title)
         ax.set_ylabel(ylabel)
