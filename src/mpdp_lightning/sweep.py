@@ -209,11 +209,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
-def run_trial(config: dict[str, Any]) -> None:
-    """Ray Tune function trainable: one training subprocess; reports its progress lines to Tune."""
+def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> None:
+    """Ray Tune function trainable: one training subprocess; reports its progress lines to Tune.
+    ``config["trial"]`` is the trial's key (what Tune's table shows), ``specs`` its command and folder."""
     from ray import tune
 
-    config = config["trial"]
+    config = specs[config["trial"]]
     argv, folder, threads = config["argv"], Path(config["folder"]), str(config["threads"])
     folder.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, MLFLOW_DISABLE_TELEMETRY="true")
@@ -294,19 +295,19 @@ def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool =
     gpus = sweep.gpus_per_trial
     if gpus is None:
         gpus = 0.25 if ray.cluster_resources().get("GPU", 0) else 0
-    configs = [
-        {"argv": trial_argv(sweep, trial, place, extra, preset), "folder": str(place.trial_dir(trial)),
-         "threads": sweep.cpus_per_trial, "cwd": str(cwd), "trial": trial.key}
+    specs = {
+        trial.key: {"argv": trial_argv(sweep, trial, place, extra, preset), "folder": str(place.trial_dir(trial)),
+                    "threads": sweep.cpus_per_trial, "cwd": str(cwd)}
         for trial in pending
-    ]
+    }
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.cpus_per_trial))
     print(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; "
           f"{sweep.cpus_per_trial} CPU and {gpus:g} GPU per trial (up to {concurrent} at a time)", flush=True)
     tuner = tune.Tuner(
-        tune.with_resources(run_trial, {"cpu": sweep.cpus_per_trial, "gpu": gpus}),
-        param_space={"trial": tune.grid_search(configs)},
-        tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["trial"]["trial"],
-                                    trial_dirname_creator=lambda t: t.config["trial"]["trial"]),
+        tune.with_resources(tune.with_parameters(run_trial, specs=specs), {"cpu": sweep.cpus_per_trial, "gpu": gpus}),
+        param_space={"trial": tune.grid_search(list(specs))},
+        tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["trial"],
+                                    trial_dirname_creator=lambda t: t.config["trial"]),
         run_config=tune.RunConfig(name="tune", storage_path=str((place.storage / "ray").absolute()), verbose=1),
     )
     try:
