@@ -2,9 +2,11 @@
 starts no trial, and a trial interrupted mid-run resumes from its checkpoint, same MLflow run."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from helpers import ROOT
-from mpdp_lightning.cli import main as train
 from mpdp_lightning.errors import MPDPError
-from mpdp_lightning.sweep import Place, Sweep, Trial, ensure_experiment, plan, trial_argv
+from mpdp_lightning.sweep import Place, Sweep, Trial, plan, trial_argv
 
 TINY_RUN = ["--env_interaction.total_env_steps", "300", "--env_interaction.warmup_steps", "100",
             "--evaluation.eval_every", "100", "--evaluation.eval_episodes", "1", "--checkpoint.checkpoint_every", "100",
@@ -108,18 +109,31 @@ def test_a_tiny_sweep_runs_its_trials_and_running_it_again_starts_none(tmp_path)
     assert "figures/inverted_pendulum_curves.png" in figures
 
 
-def test_an_interrupted_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(in_tmp):
+def test_a_sweep_stopped_mid_trial_resumes_that_trial_from_its_checkpoint(tmp_path):
+    """Ctrl-C to the sweep (as a cut-off session or a pre-empted driver would): the trial saves
+    at an update boundary; the same command again resumes it, in the same MLflow run."""
     pytest.importorskip("ray")
-    tmp_path = in_tmp
-    sweep_file = _sweep_file(tmp_path, seeds=(0,))
+    run = ["--env_interaction.total_env_steps", "2000", "--env_interaction.warmup_steps", "100",
+           "--evaluation.eval_every", "500", "--evaluation.eval_episodes", "1", "--checkpoint.checkpoint_every", "5000",
+           "--model.hidden", "32", "--data.batch_size", "32", "--video.enabled", "false",
+           "--progress_bar.log_every_env_steps", "100"]
+    sweep_file = _sweep_file(tmp_path, seeds=(0,), args=run)
     sweep, place = Sweep.load(sweep_file, ROOT / "conf"), _place(tmp_path)
     (trial,) = sweep.trials()
-    ensure_experiment(place.tracking_uri, sweep.name)  # as the sweep does before its trials
-    # the trial as the sweep starts it, SIGTERMed at env step 200 (a pre-empted or cut-off sweep)
-    stop = '--trainer.callbacks+={"class_path": "helpers.SignalAt", "init_args": {"env_step": 200, "signum": 15}}'
-    with pytest.raises(SystemExit) as exit_info:
-        train(trial_argv(sweep, trial, place, [stop], preset="quick"))
-    assert exit_info.value.code == 128 + signal.SIGTERM
+    log = place.trial_dir(trial) / "trial.log"
+    command = [sys.executable, "-m", "mpdp_lightning.sweep", str(sweep_file), "--conf", str(place.conf_dir),
+               "--storage", str(place.storage), "--tracking-uri", place.tracking_uri, "--no-compare"]
+    driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (log.is_file() and "env steps 500/2000" in log.read_text()):
+        time.sleep(0.5)
+    assert log.is_file() and "env steps 500/2000" in log.read_text(), "the trial never got going"
+    driver.send_signal(signal.SIGINT)
+    driver.communicate(timeout=120)
+    assert driver.returncode != 0  # the sweep did not finish
+    time.sleep(2)  # the trial's process saves after its worker is gone
+    found = re.search(r"saved: .*last\.ckpt at env step (\d+)", log.read_text())
+    assert found and 500 <= int(found[1]) < 2000, log.read_text()[-2000:]
     assert plan(sweep, place)["resume"] == [trial]
     (interrupted,) = _runs(tmp_path)
     assert interrupted.info.status == "KILLED"
@@ -127,9 +141,7 @@ def test_an_interrupted_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run
     resumed = _run_sweep(tmp_path, sweep_file)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "1 trials: 0 finished, 1 to resume, 0 to start" in resumed.stdout
-    log = (place.trial_dir(trial) / "trial.log").read_text()
-    assert "resumed at env step 200" in log and "run finished at 300 of 300 env steps" in log
+    assert f"resumed at env step {found[1]}" in log.read_text() and "run finished at 2000 of 2000 env steps" in log.read_text()
     (run,) = _runs(tmp_path)
     assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
-    history = MlflowClient(place.tracking_uri).get_metric_history(run.info.run_id, "eval/return")
-    assert sorted({m.step for m in history}) == [100, 200, 300]
+    assert (place.trial_dir(trial) / "done.json").is_file()

@@ -14,8 +14,9 @@ Resumable without Ray's experiment state: a trial's folder ``<storage>/<trial>/`
 checkpoint, its log and, once it has finished, ``done.json``. Running the sweep again skips the
 finished trials and resumes the others from their ``last.ckpt`` (same MLflow run), so a sweep cut
 off after an hour loses at most ``checkpoint_every`` env steps per running trial. When the Ray
-worker of a trial dies, the trial's process receives SIGTERM (Linux's parent-death signal), saves
-and exits. After the trials, the seed table and the figures are written and logged to MLflow.
+worker of a trial dies (Ctrl-C to the sweep, a lost node), the trial's process receives SIGTERM
+(Linux's parent-death signal), saves at its next update boundary and exits; it writes to its log
+file itself, and Ray is told not to kill workers' children, so nothing cuts that save short. After the trials, the seed table and the figures are written and logged to MLflow.
 """
 
 from __future__ import annotations
@@ -218,22 +219,31 @@ def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> None:
     argv, folder, threads = config["argv"], Path(config["folder"]), str(config["threads"])
     folder.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, MLFLOW_DISABLE_TELEMETRY="true")
-    start = time.time()
-    with open(folder / "trial.log", "a") as log:
+    start, log_path = time.time(), folder / "trial.log"
+    # The process writes to the log file itself, not through a pipe to this worker: if the worker
+    # dies, the trial still has somewhere to print while it saves its checkpoint.
+    with open(log_path, "a") as log:
         log.write(f"$ {shlex.join([sys.executable, '-m', 'mpdp_lightning', *argv])}\n")
         log.flush()
+        offset = log.tell()
         process = subprocess.Popen(
             [sys.executable, "-m", "mpdp_lightning", *argv], cwd=config["cwd"], env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
         )
-        for line in process.stdout:
-            log.write(line)
-            log.flush()
+    with open(log_path) as reader:  # follow the log: its progress lines become Tune's results
+        reader.seek(offset)
+        while True:
+            line = reader.readline()
+            if not line:
+                if process.poll() is not None:
+                    break
+                time.sleep(0.5)
+                continue
             found = PROGRESS.search(line)
             if found:
                 eval_return = None if found[3] == "-" else float(found[3])
                 tune.report({"env_steps": int(found[1]), "eval_return": eval_return, "env_steps_per_second": float(found[4])})
-        code = process.wait()
+    code = process.wait()
     if code != 0:
         raise RuntimeError(f"trial {folder.name} exited with {code}; its log: {folder / 'trial.log'}")
     (folder / "done.json").write_text(json.dumps({"seconds": time.time() - start, "finished_at": time.time()}))
@@ -291,7 +301,10 @@ def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool =
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)  # an existing cluster
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        # Ray kills a worker's child processes when the worker exits; a trial's process must
+        # instead get its SIGTERM (parent-death signal) and save its checkpoint first.
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 _system_config={"kill_child_processes_on_worker_exit": False})
     gpus = sweep.gpus_per_trial
     if gpus is None:
         gpus = 0.25 if ray.cluster_resources().get("GPU", 0) else 0
