@@ -8,10 +8,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from lightning.pytorch.callbacks import Callback
 
 from mpdp_lightning.callbacks.env_interaction import global_seed
-from mpdp_lightning.clock import passed_multiple
+from mpdp_lightning.callbacks.schedule import EnvStepRoutine
 from mpdp_lightning.metrics import log_metrics
 from mpdp_lightning.tasks import make_env
 
@@ -19,7 +18,7 @@ from mpdp_lightning.tasks import make_env
 EVAL_SEED_OFFSET = 1_000_003
 
 
-class Evaluation(Callback):
+class Evaluation(EnvStepRoutine):
     """At every multiple of ``eval_every`` env steps (and at the end of training) run ``eval_episodes`` episodes
     with pi_0's mode and log ``eval/return`` (mean), ``eval/return_std`` and ``eval/length``.
 
@@ -36,7 +35,7 @@ class Evaluation(Callback):
             raise ValueError(f"eval_every and eval_episodes must be positive, got {eval_every} and {eval_episodes}")
         self.eval_every, self.eval_episodes, self.seed = eval_every, eval_episodes, seed
         self.envs: list = []
-        self.last_eval_step = 0
+        self.last_step = 0
         self.latest_return: Optional[float] = None
         self.best_return: Optional[float] = None
 
@@ -49,22 +48,12 @@ class Evaluation(Callback):
             env.close()
         self.envs = []
 
-    def _due(self, env_steps: int) -> bool:
-        return passed_multiple(self.last_eval_step, env_steps, self.eval_every)
+    @property
+    def interval(self) -> int:
+        return self.eval_every
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._due(pl_module.env_steps):  # the warm-up ended on a multiple: the untrained policy
-            self.evaluate(trainer, pl_module)
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._due(pl_module.env_steps):
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if pl_module.env_steps != self.last_eval_step:
-            self.evaluate(trainer, pl_module)
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        return self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Run the episodes in lockstep, one batched policy call per step for all that are running."""
@@ -88,16 +77,16 @@ class Evaluation(Callback):
             "eval/return_std": float(returns.std()),
             "eval/length": float(lengths.mean()),
         }
-        self.last_eval_step = pl_module.env_steps
+        self.last_step = pl_module.env_steps
         self.latest_return = metrics["eval/return"]
         self.best_return = max(self.latest_return, self.best_return if self.best_return is not None else -np.inf)
         log_metrics(trainer, metrics, step=pl_module.env_steps)
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_eval_step": self.last_eval_step, "latest_return": self.latest_return, "best_return": self.best_return}
+        return {"last_eval_step": self.last_step, "latest_return": self.latest_return, "best_return": self.best_return}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_eval_step = int(state_dict["last_eval_step"])
+        self.last_step = int(state_dict["last_eval_step"])
         self.latest_return = state_dict["latest_return"]
         self.best_return = state_dict.get("best_return", self.latest_return)

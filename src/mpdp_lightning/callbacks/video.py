@@ -24,13 +24,12 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from mpdp_lightning.callbacks.env_interaction import global_seed
 from mpdp_lightning.callbacks.evaluation import EVAL_SEED_OFFSET
-from mpdp_lightning.clock import passed_multiple
+from mpdp_lightning.callbacks.schedule import EnvStepRoutine
 from mpdp_lightning.metrics import log_metrics
 from mpdp_lightning.tasks import make_env
 
@@ -43,7 +42,7 @@ def artifact_name(env_steps: int) -> str:
     return f"{ARTIFACT_DIR}/env_step_{env_steps:07d}.mp4"
 
 
-class EvaluationVideo(Callback):
+class EvaluationVideo(EnvStepRoutine):
     """At every multiple of ``video_every`` env steps and at the end of training, render one
     episode of pi_0's mode and log it to the MLflow run as ``video/env_step_<env steps>.mp4``,
     with its cost as ``time/video_seconds``.
@@ -93,7 +92,7 @@ class EvaluationVideo(Callback):
         self.video_every, self.width, self.height = video_every, width, height
         self.max_frames, self.frame_skip, self.fps = max_frames, frame_skip, fps
         self.shadows, self.seed, self.enabled = shadows, seed, enabled
-        self.last_video_step = 0
+        self.last_step = 0
         self._env: Any = None
         self._active = False  # enabled, on the main process, with an MLflow run, and no failure yet
 
@@ -104,22 +103,12 @@ class EvaluationVideo(Callback):
             rank_zero_warn("evaluation videos are logged to MLflow, and this run has no MLFlowLogger: no videos")
             self._active = False
 
-    def _due(self, env_steps: int) -> bool:
-        return self.video_every > 0 and passed_multiple(self.last_video_step, env_steps, self.video_every)
+    @property
+    def interval(self) -> int:
+        return self.video_every
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._due(pl_module.env_steps):  # the warm-up ended on a multiple: the untrained policy
-            self.record(trainer, pl_module)
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._due(pl_module.env_steps):
-            self.record(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if pl_module.env_steps != self.last_video_step:
-            self.record(trainer, pl_module)
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
+        return self.record(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_env()
@@ -128,7 +117,7 @@ class EvaluationVideo(Callback):
     def record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
         """Render, encode and log the video of this env step; its artifact path, or None if none was made."""
         env_steps = pl_module.env_steps
-        self.last_video_step = env_steps
+        self.last_step = env_steps
         if not self._active:
             return None
         start = time.perf_counter()
@@ -215,10 +204,10 @@ class EvaluationVideo(Callback):
         return [logger for logger in trainer.loggers if isinstance(logger, MLFlowLogger)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_video_step": self.last_video_step}
+        return {"last_video_step": self.last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_video_step = int(state_dict["last_video_step"])
+        self.last_step = int(state_dict["last_video_step"])
 
 
 def _close_render_env(env: Any) -> None:
