@@ -58,16 +58,17 @@ class SignalAt(Callback):
             os.kill(os.getpid(), self.signum)
 
 
-class PoisonCriticAt(Callback):
-    """Turns the critic's weights into NaN at ``env_step``: a stand-in for a diverging run."""
+class PoisonAt(Callback):
+    """Turns the weights of ``module`` (critic, actor, ...) into NaN after the update at ``env_step``:
+    a stand-in for a diverging net (the actor's NaN shows in the next action)."""
 
-    def __init__(self, env_step: int) -> None:
-        self.env_step = env_step
+    def __init__(self, env_step: int, module: str = "critic") -> None:
+        self.env_step, self.module = env_step, module
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.env_steps == self.env_step:
             with torch.no_grad():
-                for p in pl_module.critic.parameters():
+                for p in getattr(pl_module, self.module).parameters():
                     p.fill_(float("nan"))
 
 
@@ -103,19 +104,6 @@ class PoisonTemperatureAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if pl_module.env_steps == self.env_step and self.handle is None:
             self.handle = pl_module.temperature.log_alpha.register_hook(lambda grad: grad * float("nan"))
-
-
-class PoisonActorAt(Callback):
-    """Turns pi_0's weights into NaN at ``env_step``, after that update: the next action is NaN."""
-
-    def __init__(self, env_step: int) -> None:
-        self.env_step = env_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.env_steps == self.env_step:
-            with torch.no_grad():
-                for p in pl_module.actor.parameters():
-                    p.fill_(float("nan"))
 
 
 class ActionSpy(Callback):

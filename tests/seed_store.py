@@ -78,15 +78,3 @@ def build(folder: Path) -> str:
     summary = client.create_run(experiment_id, run_name="s1-summary", tags={"sweep_summary": "true", "sweep": "s1"})
     client.set_terminated(summary.info.run_id)
     return uri
-
-
-
-_BUILT: dict[str, str] = {}
-
-
-def shared(tmp_path_factory) -> str:
-    """The store, built once per test session (creating an MLflow database takes seconds) for the
-    test modules that only read it or add summary runs, which the loaders skip."""
-    if "uri" not in _BUILT:
-        _BUILT["uri"] = build(tmp_path_factory.mktemp("seed_store"))
-    return _BUILT["uri"]

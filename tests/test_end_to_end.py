@@ -109,7 +109,7 @@ def test_interrupted_run_resumes_with_counters_buffer_and_optimizers_intact(in_t
 
 
 def test_nan_loss_stops_the_run_naming_the_phase_and_keeps_the_last_good_checkpoint(in_tmp, capsys):
-    poison = '--trainer.callbacks+={"class_path": "helpers.PoisonCriticAt", "init_args": {"env_step": 230}}'
+    poison = '--trainer.callbacks+={"class_path": "helpers.PoisonAt", "init_args": {"env_step": 230, "module": "critic"}}'
     with pytest.raises(SystemExit) as exit_info:
         main(fit_args("hopper", 400, poison))
     assert exit_info.value.code == 2
@@ -140,7 +140,7 @@ def test_a_nan_from_the_temperature_is_blamed_on_the_temperature(in_tmp, capsys)
 
 def test_a_nan_action_never_reaches_the_environment(in_tmp, capsys):
     spy = in_tmp / "actions.txt"
-    poison = '--trainer.callbacks+={"class_path": "helpers.PoisonActorAt", "init_args": {"env_step": 150}}'
+    poison = '--trainer.callbacks+={"class_path": "helpers.PoisonAt", "init_args": {"env_step": 150, "module": "actor"}}'
     record = f'--trainer.callbacks+={{"class_path": "helpers.ActionSpy", "init_args": {{"path": "{spy}"}}}}'
     with pytest.raises(SystemExit) as exit_info:
         main(fit_args("hopper", 400, poison, record))

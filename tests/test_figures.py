@@ -9,20 +9,14 @@ import pytest
 from matplotlib.collections import PolyCollection
 from mlflow.tracking import MlflowClient
 
-import seed_store
 from mpdp_lightning import figures
 from mpdp_lightning.compare import load_comparison, main
 from mpdp_lightning.summary_run import log_to_mlflow
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return seed_store.shared(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def made(store):
-    runs, curves = load_comparison(store, "mpdp", sweep="s1")
+def made(s1):
+    runs, curves = s1
     return figures.make_figures(runs, curves, threshold=900)
 
 

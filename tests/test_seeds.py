@@ -5,20 +5,8 @@ import math
 import pandas as pd
 import pytest
 
-import seed_store
 from mpdp_lightning import seeds
 from mpdp_lightning.compare import load_comparison, load_curves, load_runs, main
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return seed_store.shared(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def s1(store):
-    runs, curves = load_comparison(store, "mpdp", sweep="s1")
-    return runs, curves
 
 
 def _row(table: pd.DataFrame, algo: str, beta=None) -> pd.Series:
