@@ -152,6 +152,16 @@ def test_a_nan_action_never_reaches_the_environment(in_tmp, capsys):
     assert given == 50 and non_finite == 0  # env steps 101..150 with pi_0; none of them NaN
 
 
+def test_a_nan_action_never_reaches_an_evaluation_environment_either(in_tmp, capsys):
+    # pi_0 turns NaN in the update at env step 200, where an evaluation is due right after it
+    poison = '--trainer.callbacks+={"class_path": "helpers.PoisonAt", "init_args": {"env_step": 200, "module": "actor"}}'
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args("hopper", 400, poison))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: pi_0's action in the evaluation at env step 200 was [nan")
+
+
 def test_a_kill_while_writing_a_checkpoint_leaves_no_temporary_file(in_tmp):
     tmpdir = in_tmp / "tmpdir"
     tmpdir.mkdir()

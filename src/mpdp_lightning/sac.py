@@ -15,6 +15,7 @@ import copy
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from tensordict import TensorDictBase
@@ -106,6 +107,21 @@ class SAC(pl.LightningModule):
         """pi_0's action for a batch of observations, in the environment's units."""
         return self.actor.act(obs, deterministic)
 
+    def act_on_host(self, obs: np.ndarray, deterministic: bool = False, where: str = "") -> np.ndarray:
+        """pi_0's actions for a batch of host observations, as a host array that is never NaN or
+        inf: the one place every environment gets its actions from (training and evaluation).
+        The check costs nothing, the actions come to the host anyway; a non-finite one stops the
+        run, naming the phase that broke first.
+
+        Args:
+            where: when the action was asked for, e.g. "at env step 151", for the message.
+        """
+        actions = self.act(torch.as_tensor(obs, dtype=torch.float32, device=self.device), deterministic).cpu().numpy()
+        if not np.isfinite(actions).all():
+            shown = actions[0] if len(actions) == 1 else actions
+            self.raise_if_not_finite(" ".join(filter(None, ("pi_0's action", where, f"was {shown.tolist()}"))))
+        return actions
+
     # ---- optimisation -------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         groups = self.optimizer_groups()
@@ -183,15 +199,17 @@ class SAC(pl.LightningModule):
         """Means of the train metrics and phase times since the last log point (one host sync)."""
         return {**self.train_metrics.pop_means(), **self.timer.pop_means()}
 
-    def raise_if_not_finite(self, when: str = "") -> None:
-        """Stop with a message naming the phase that produced the run's first NaN or inf, or the
-        nets holding one (host sync: call at log points, checkpoints and on a non-finite action).
+    def raise_if_not_finite(self, when: str = "", scan_parameters: bool = False) -> None:
+        """Stop with a message naming the phase that produced the run's first NaN or inf (host sync:
+        call at log points, before checkpoints and on a non-finite action).
 
         Args:
-            when: what found it, e.g. "pi_0's action at env step 151 was non-finite"; it leads the message.
+            when: what found it, e.g. "pi_0's action at env step 151 was [nan]"; it leads the message.
+            scan_parameters: when no phase recorded one, look for non-finite weights anyway (set
+                only by something changed outside the phases); implied by ``when``.
         """
         first = self.guard.first()
-        broken = non_finite_parameters(self) if first is None else []
+        broken = non_finite_parameters(self) if first is None and (scan_parameters or when) else []
         if first is None and not broken and not when:
             return
         if first is not None:

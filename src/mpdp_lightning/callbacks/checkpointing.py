@@ -167,7 +167,7 @@ class EnvStepCheckpoint(Checkpoint):
 
     # ---- how to save ---------------------------------------------------------------------------
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
-        pl_module.raise_if_not_finite()  # a broken state never overwrites the last good checkpoint
+        pl_module.raise_if_not_finite(scan_parameters=True)  # a broken state never overwrites the last good one
         trainer.save_checkpoint(self.path, weights_only=False)  # through LocalAtomicCheckpointIO
         self.last_saved_step = pl_module.env_steps
         return self.path

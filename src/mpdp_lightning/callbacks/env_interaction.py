@@ -116,10 +116,7 @@ class EnvInteraction(Callback):
         if random:
             action = self.env.action_space.sample()
         else:
-            obs = torch.as_tensor(self._obs, dtype=torch.float32, device=pl_module.device)
-            action = pl_module.act(obs.unsqueeze(0))[0].cpu().numpy()
-            if not np.isfinite(action).all():  # on the host already: never hand MuJoCo a NaN
-                pl_module.raise_if_not_finite(f"pi_0's action at env step {pl_module.env_steps + 1} was {action.tolist()}")
+            action = pl_module.act_on_host(self._obs[None], where=f"at env step {pl_module.env_steps + 1}")[0]
         next_obs, reward, terminated, truncated, _ = self.env.step(action)
         trainer.datamodule.add(
             TensorDict(

@@ -6,7 +6,6 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from mpdp_lightning.callbacks.env_interaction import global_seed
@@ -62,8 +61,8 @@ class Evaluation(EnvStepRoutine):
         returns, lengths = np.zeros(len(self.envs)), np.zeros(len(self.envs), dtype=int)
         running = list(range(len(self.envs)))
         while running:
-            batch = torch.as_tensor(np.stack([obs[i] for i in running]), dtype=torch.float32, device=pl_module.device)
-            actions = pl_module.act(batch, deterministic=True).cpu().numpy()
+            actions = pl_module.act_on_host(np.stack([obs[i] for i in running]), deterministic=True,
+                                            where=f"in the evaluation at env step {pl_module.env_steps}")
             still_running = []
             for i, action in zip(running, actions):
                 obs[i], reward, terminated, truncated, _ = self.envs[i].step(action)
