@@ -324,7 +324,7 @@ def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool =
         run_config=tune.RunConfig(name="tune", storage_path=str((place.storage / "ray").absolute()), verbose=1),
     )
     try:
-        results = tuner.fit()
+        tuner.fit()  # trials that fail are reported below, from their done.json
     finally:
         ray.shutdown()
     unfinished = [trial for trial in pending if not place.done(trial).is_file()]
@@ -332,7 +332,6 @@ def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool =
         print(f"not finished: {trial.key} (log: {place.trial_dir(trial) / 'trial.log'})", flush=True)
     if unfinished:
         print("run the same command again to resume them from their last checkpoints", flush=True)
-    del results
     return len(unfinished)
 
 

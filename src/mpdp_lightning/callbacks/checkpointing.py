@@ -31,7 +31,11 @@ from mpdp_lightning.clock import passed_multiple
 from mpdp_lightning.errors import RunInterrupted
 
 LAST = "last.ckpt"
-TEMPORARY = f".{LAST}.tmp"  # prefix of the file being written (pid appended)
+
+
+def temporary_prefix(path: Path) -> Path:
+    """``<dir>/.<name>.tmp-``: the file being written is this plus the writer's pid."""
+    return path.with_name(f".{path.name}.tmp-")
 
 
 class LocalAtomicCheckpointIO(TorchCheckpointIO):
@@ -45,7 +49,7 @@ class LocalAtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = Path(f"{temporary_prefix(path)}{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
@@ -120,7 +124,7 @@ class EnvStepCheckpoint(Checkpoint):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a user's own plugin
             trainer.strategy.checkpoint_io = LocalAtomicCheckpointIO()
         # what a process killed mid-write left behind (the last whole checkpoint is untouched)
-        for stale in self.dirpath.glob(f"{TEMPORARY}*") if self.dirpath.is_dir() else ():
+        for stale in self.dirpath.glob(f"{temporary_prefix(self.path).name}*") if self.dirpath.is_dir() else ():
             stale.unlink(missing_ok=True)
         # from here on (the warm-up included), Ctrl-C stops at the next update boundary and saves
         self._stop_requested = False
