@@ -42,7 +42,7 @@ from mpdp_lightning.checkpoint_io import read_checkpoint_header  # noqa: E402
 from mpdp_lightning.data import ReplayDataModule  # noqa: E402
 from mpdp_lightning.errors import MPDPError, RunInterrupted, describe_parser_error  # noqa: E402
 from mpdp_lightning.preflight import check_tracking_uri, check_writable_folder  # noqa: E402
-from mpdp_lightning.run_summary import Outcome, RunClock, mlflow_loggers, start_line, summary  # noqa: E402
+from mpdp_lightning.console import Outcome, RunClock, mlflow_loggers, start_line, summary  # noqa: E402
 from mpdp_lightning.tasks import TASKS, get_task  # noqa: E402
 from mpdp_lightning.tracking import log_run_config  # noqa: E402
 
