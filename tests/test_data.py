@@ -26,7 +26,7 @@ def _filled(capacity, n):
 
 def test_dataloader_serves_batches_of_stored_transitions():
     dm = _filled(capacity=50, n=20)
-    batch = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader())).draw()
     assert batch.batch_size == torch.Size([4])
     assert set(batch.keys()) == {"obs", "action", "reward", "next_obs", "terminated"}
     # every sampled row is a stored transition: next_obs = obs + 1 and reward = obs
@@ -56,3 +56,14 @@ def test_empty_buffer_round_trip():
     restored.setup("fit")
     restored.load_state_dict(dm.state_dict())
     assert len(restored) == 0
+
+
+def test_a_fetched_batch_is_drawn_when_the_update_asks_not_when_it_is_fetched():
+    # Lightning fetches the next batch before the update (and its env step) runs: the batch must
+    # still be able to hold a transition added after it was fetched.
+    dm = _filled(capacity=50, n=1)
+    pending = next(iter(dm.train_dataloader()))
+    dm.add(_transition(5))
+    assert (pending.draw()["reward"] == 5.0).any()  # 4 rows from 2 transitions: P(no row 5) = 1/16
+    rewards = torch.cat([pending.draw()["reward"] for _ in range(20)])
+    assert set(rewards.tolist()) == {0.0, 5.0}

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from helpers import fit_args, tracking_uri
 from mpdp_lightning.checkpoint_io import read_checkpoint_header
 from mpdp_lightning.cli import main
+from mpdp_lightning.data import PendingBatch
 
 
 # A world model small enough for a few seconds of CPU, refitted every 100 env steps
@@ -225,3 +226,21 @@ def test_short_mpdp_run_on_hopper_logs_its_metrics(in_tmp):
     assert all(len(counts) == 4 and sum(counts) > 0 and sum(counts) % 32 == 0 for counts in histogram.values())
     header = read_checkpoint_header(in_tmp / "runs/checkpoints" / run.info.run_id / "last.ckpt")
     assert header.env_steps == 250 and header.updates == 300  # 150 env steps after warm-up, 2 updates each
+
+
+def test_each_update_draws_its_batch_after_its_own_env_step_is_stored(in_tmp, monkeypatch):
+    # The paper's order within an update: collect, fit, then sample. With 1 warm-up step and
+    # batches of 64, a batch drawn after the update's env step holds it (P(miss) <= (1/2)^64).
+    seen = []
+    draw = PendingBatch.draw
+
+    def spying_draw(self):
+        batch = draw(self)
+        newest = self.buffer.storage.get(torch.tensor([len(self.buffer) - 1]))
+        seen.append((len(self.buffer), bool((batch["obs"] == newest["obs"]).all(dim=-1).any())))
+        return batch
+
+    monkeypatch.setattr(PendingBatch, "draw", spying_draw)
+    main(fit_args("inverted_pendulum", 6, "--env_interaction.warmup_steps", "1", "--data.batch_size", "64"))
+    assert [size for size, _ in seen] == [2, 3, 4, 5, 6]  # every update drew after its env step
+    assert all(holds for _, holds in seen)

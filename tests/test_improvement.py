@@ -42,6 +42,9 @@ class ScriptedModel(nn.Module):
         mean[2] += self.real_spread
         return mean, torch.zeros_like(mean)
 
+    def uncertainty(self, mean, logvar):
+        return ovr_uncertainty(mean, logvar)
+
     def step(self, obs, action):
         t = min(self.t, len(self.u_script) - 1)
         self.t += 1
@@ -191,3 +194,37 @@ def test_quantile_threshold_and_median_scale_come_from_the_real_pairs():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         ImprovementSettings(**bad)
+
+
+def _head_grads(actor, critic, model, obs, route_final):
+    """Gradients of every head after one backward of J (adaptive off: every row reaches H).
+    ``route_final(actor, orig_sample)`` decides which weights sample V(s_H)'s action a'."""
+    orig = actor.sample
+    actor.sample = lambda state, head=0, detach_params=False: route_final(orig, state, head, detach_params)
+    try:
+        torch.manual_seed(3)
+        result = extended_improvement(actor, critic, model, obs, torch.zeros(B, ACT), torch.tensor(0.2),
+                                      ImprovementSettings(horizon=2, adaptive=False))
+    finally:
+        del actor.sample
+    actor.zero_grad()
+    result.loss.backward()
+    return [p.grad.clone() for p in actor.parameters()]
+
+
+def test_the_value_at_the_horizon_reaches_the_heads_only_through_the_last_state():
+    torch.manual_seed(0)
+    actor, critic = _nets(heads=2)
+    model = GaussianEnsemble(OBS, ACT, 4, 2, hidden=16, layers=2)
+    obs = torch.randn(B, OBS)
+    constant_pi0 = SquashedGaussianHeads(OBS, ACT, [-1.0] * ACT, [1.0] * ACT, heads=2, hidden=16, layers=2)
+    constant_pi0.load_state_dict(actor.state_dict())
+    constant_pi0.requires_grad_(False)  # V's a' from these weights: a function of s_H alone
+
+    as_built = _head_grads(actor, critic, model, obs, lambda orig, s, h, d: orig(s, h, d))
+    reference = _head_grads(actor, critic, model, obs,
+                            lambda orig, s, h, d: constant_pi0.sample(s, h) if d else orig(s, h))
+    live = _head_grads(actor, critic, model, obs, lambda orig, s, h, d: orig(s, h))  # the old form
+    for got, want in zip(as_built, reference):
+        torch.testing.assert_close(got, want)
+    assert any(not torch.allclose(a, b) for a, b in zip(live, reference)), "live weights would add a SAC gradient"

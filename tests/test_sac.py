@@ -134,3 +134,24 @@ def test_bad_settings_fail_at_construction(bad):
     kwargs = dict(task="inverted_pendulum") | bad
     with pytest.raises(ValueError):
         SAC(**kwargs)
+
+
+def test_q_under_bf16_autocast_is_computed_in_fp32():
+    # A critic trained to values near 300: bf16 keeps 8 significant bits, so Q would be rounded
+    # by up to 1 and the TD targets quantised; the critic must stay in fp32 whatever the precision.
+    torch.manual_seed(0)
+    critic = TwinQ(OBS, ACT, hidden=32, layers=2)
+    optimizer = torch.optim.Adam(critic.parameters(), lr=1e-2)
+    obs, action = torch.randn(256, OBS), torch.rand(256, ACT) * 6 - 3
+    value = 300.0 + 10.0 * obs[:, 0] + action[:, 0]
+    for _ in range(300):
+        optimizer.zero_grad()
+        (critic(obs, action) - value).pow(2).mean().backward()
+        optimizer.step()
+    with torch.no_grad():
+        q32 = critic(obs, action)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q16 = critic(obs, action)
+    assert (q32.mean() - 300.0).abs() < 20.0, "the critic should have learned values near 300"
+    assert q16.dtype == torch.float32
+    torch.testing.assert_close(q16, q32, rtol=1e-6, atol=1e-6)  # bf16 would be off by ~0.5

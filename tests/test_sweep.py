@@ -66,7 +66,18 @@ def test_a_sweep_file_expands_to_one_trial_per_combination(tmp_path):
     assert not any("preset" in arg for arg in sac_argv)
 
 
+def test_a_grid_limited_to_some_algos_runs_the_others_once_per_seed(tmp_path):
+    path = _sweep_file(tmp_path, seeds=(0, 1), algos=["sac", "mpdp"], grid={"model.u_covers_reward": [True, False]},
+                       grid_algos=["mpdp"])
+    trials = Sweep.load(path, ROOT / "conf").trials()
+    assert sorted(t.key for t in trials if t.algo == "sac") == ["inverted_pendulum-sac-s0", "inverted_pendulum-sac-s1"]
+    assert {t.overrides for t in trials if t.algo == "mpdp"} == {(("model.u_covers_reward", True),),
+                                                                  (("model.u_covers_reward", False),)}
+    assert len(trials) == 2 + 2 * 2
+
+
 @pytest.mark.parametrize("content,expected", [
+    ({"name": "x", "tasks": ["hopper"], "algos": ["sac"], "seeds": [0], "grid_algos": ["mpdp"]}, "grid_algos"),
     ({"name": "x", "tasks": ["walker"], "algos": ["sac"], "seeds": [0]}, "unknown task 'walker'"),
     ({"name": "x", "tasks": ["hopper"], "algos": ["ppo"], "seeds": [0]}, "unknown algo 'ppo'"),
     ({"name": "x", "tasks": ["hopper"], "algos": ["sac"], "seeds": [0], "sedes": [1]}, "unknown key(s) sedes"),

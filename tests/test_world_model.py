@@ -172,3 +172,74 @@ def test_humanoid_gets_the_wider_model():
 def test_bad_model_settings_fail_at_construction(bad):
     with pytest.raises(ValueError):
         ModelBasedSAC("hopper", **bad)
+
+
+# ---- diversity, precision and which outputs u covers ------------------------------------------
+@pytest.fixture(scope="module")
+def trained_pendulum_model():
+    """An ensemble fitted on inverted_pendulum's near-deterministic dynamics: its variances
+    collapse, the case where u is most fragile. Returns the model and its (obs, action) rows."""
+    inputs, targets = _random_transitions("inverted_pendulum", 2000)
+    torch.manual_seed(0)
+    model = GaussianEnsemble(4, 1, ensemble_size=5, num_elites=3, hidden=64, layers=2)
+    fit_ensemble(model, inputs, targets, _adam_step(model), max_epochs=30, patience=30)
+    return model, inputs.split([4, 1], dim=-1)
+
+
+def test_each_member_keeps_one_bootstrap_per_fit_and_members_differ(monkeypatch):
+    import mpdp_lightning.world_model as wm
+
+    n, k = 300, 4
+    inputs = torch.randn(n, OBS + ACT)
+    inputs[:, 0] = torch.arange(n, dtype=torch.float32)  # row ids, read back from each minibatch
+    targets = torch.randn(n, OBS + 1)
+    seen = []  # per minibatch: the row ids of each member [K, b]
+    real_loss = wm.nll_loss
+    monkeypatch.setattr(wm, "nll_loss", lambda model, x, y: (seen.append(x[..., 0].long()), real_loss(model, x, y))[1])
+    model = _ensemble(k=k, elites=2)
+    fit_ensemble(model, inputs, targets, _adam_step(model), batch_size=40, max_epochs=4, patience=10,
+                 holdout_ratio=0.2, generator=torch.Generator().manual_seed(0))
+    per_epoch = len(seen) // 4
+    epochs = [torch.cat(seen[e * per_epoch:(e + 1) * per_epoch], dim=1) for e in range(4)]
+    for member in range(k):
+        first = epochs[0][member].sort().values
+        for later in epochs[1:]:
+            assert torch.equal(later[member].sort().values, first), "a member's bootstrap changed within the fit"
+        assert not torch.equal(epochs[1][member], epochs[0][member]), "the order should change every epoch"
+        distinct = first.unique().numel() / first.numel()
+        assert 0.55 < distinct < 0.72, distinct  # a bootstrap holds about 1 - 1/e = 63 % distinct rows
+    sets = [set(epochs[0][m].tolist()) for m in range(k)]
+    assert all(sets[i] != sets[j] for i in range(k) for j in range(i + 1, k))
+
+
+def test_u_and_outputs_under_bf16_autocast_match_fp32(trained_pendulum_model):
+    model, (obs, action) = trained_pendulum_model
+    with torch.no_grad():
+        u32 = model.uncertainty(*model(obs, action))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mean, logvar = model(obs, action)
+            u16 = model.uncertainty(mean, logvar)
+    assert mean.dtype == torch.float32 and u16.dtype == torch.float32
+    assert u32.median() > 0
+    torch.testing.assert_close(u16, u32, rtol=0.01, atol=0.0)
+
+
+def test_u_is_unchanged_by_a_large_common_offset_of_the_member_means(trained_pendulum_model):
+    model, (obs, action) = trained_pendulum_model
+    with torch.no_grad():
+        mean, logvar = model(obs, action)
+    assert logvar.exp().median() < 0.1, "the fixture should have small variances (the one-pass form fails there)"
+    u = ovr_uncertainty(mean, logvar)
+    torch.testing.assert_close(ovr_uncertainty(mean + 100.0, logvar), u, rtol=0.01, atol=0.0)
+
+
+def test_the_u_outputs_switch_decides_whether_the_reward_output_enters_u():
+    both = GaussianEnsemble(OBS, ACT, 4, 2, 16, 2, u_covers_reward=True)
+    obs_only = GaussianEnsemble(OBS, ACT, 4, 2, 16, 2, u_covers_reward=False)
+    mean, logvar = torch.zeros(4, 6, OBS + 1), torch.full((4, 6, OBS + 1), -2.0)
+    mean[:, :, OBS] = torch.arange(4.0).view(4, 1)  # the members disagree on the reward only
+    assert (both.uncertainty(mean, logvar) > 1.0).all()
+    torch.testing.assert_close(obs_only.uncertainty(mean, logvar), torch.zeros(6), atol=1e-6, rtol=0)
+    mean[:, :, 0] = torch.arange(4.0).view(4, 1)  # now on an observation output too
+    assert (obs_only.uncertainty(mean, logvar) > 1.0).all()
+    torch.testing.assert_close(obs_only.uncertainty(mean, logvar), ovr_uncertainty(mean[..., :OBS], logvar[..., :OBS]))

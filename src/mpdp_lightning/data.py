@@ -3,13 +3,18 @@
 A TorchRL ``ReplayBuffer`` over a ``LazyTensorStorage`` (uniform sampling with replacement)
 holds real transitions (obs, action, reward, next_obs, terminated). The storage lives on the
 trainer's device, so a sampled batch is already where the update runs. The EnvInteraction
-callback writes into it with ``add``; the training loop reads an endless stream of sampled
-TensorDict batches through an IterableDataset. Its contents travel with the checkpoint.
+callback writes into it with ``add``; the training loop reads an endless stream of batches
+through an IterableDataset. Its contents travel with the checkpoint.
+
+The stream yields ``PendingBatch``es, drawn only when the update asks (``draw``), not when
+Lightning fetches them: Lightning fetches the next batch before the current update has run
+(and before that update's env step), while the paper's order within an update is collect,
+fit the model, then sample.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -21,20 +26,35 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer
 TRANSITION_KEYS = ("obs", "action", "reward", "next_obs", "terminated")
 
 
-class ReplaySampleStream(IterableDataset):
-    """An endless stream of uniform batches from a replay buffer (one batch per item)."""
+class PendingBatch:
+    """A uniform batch that a replay buffer will give when the update draws it (``draw``)."""
 
     def __init__(self, buffer: ReplayBuffer, batch_size: int) -> None:
         self.buffer, self.batch_size = buffer, batch_size
 
-    def __iter__(self) -> Iterator[TensorDictBase]:
+    def draw(self) -> TensorDictBase:
+        if len(self.buffer) == 0:
+            raise RuntimeError("the replay buffer is empty: collect transitions before the first update")
+        return self.buffer.sample(self.batch_size)
+
+
+def drawn(batch: Union[PendingBatch, TensorDictBase]) -> TensorDictBase:
+    """The transitions of ``batch``: drawn now if it is pending, as given otherwise."""
+    return batch.draw() if isinstance(batch, PendingBatch) else batch
+
+
+class ReplaySampleStream(IterableDataset):
+    """An endless stream of pending uniform batches from a replay buffer (one per update)."""
+
+    def __init__(self, buffer: ReplayBuffer, batch_size: int) -> None:
+        self.buffer, self.batch_size = buffer, batch_size
+
+    def __iter__(self) -> Iterator[PendingBatch]:
         while True:
-            if len(self.buffer) == 0:
-                raise RuntimeError("the replay buffer is empty: collect transitions before the first update")
-            yield self.buffer.sample(self.batch_size)
+            yield PendingBatch(self.buffer, self.batch_size)
 
 
-def _as_is(batch: TensorDictBase) -> TensorDictBase:
+def _as_is(batch: PendingBatch) -> PendingBatch:
     return batch
 
 

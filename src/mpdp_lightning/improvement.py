@@ -12,7 +12,9 @@ A row ends (D1):
   gamma^t [min_j Q_j(s_t, a_t) - alpha log pi_t(a_t|s_t)] instead of that step's reward, so a
   row stopped at its first step contributes exactly SAC's actor objective;
 - at a predicted terminal s_{t+1}: that step's reward term and nothing after;
-- after H steps: + gamma^H V(s_H), V(s) = min_j Q_j(s, a') - alpha log pi_0(a'|s), a' ~ pi_0.
+- after H steps: + gamma^H V(s_H), V(s) = min_j Q_j(s, a') - alpha log pi_0(a'|s), a' ~ pi_0
+  with pi_0's weights detached: V is a fixed function of s_H, which the heads reach only
+  through s_H (with live weights head 0 would also get a SAC gradient on imagined states).
 
 The loss is -mean(J); one backward reaches every head that some row used. The model's and the
 critics' weights are frozen (gradients flow through them to the actions, never into them).
@@ -31,7 +33,7 @@ from typing import Literal
 import torch
 
 from mpdp_lightning.policy import SquashedGaussianHeads, TwinQ, frozen
-from mpdp_lightning.world_model import GaussianEnsemble, ovr_uncertainty
+from mpdp_lightning.world_model import GaussianEnsemble
 
 ThresholdRule = Literal["quantile", "absolute"]
 PenaltyScale = Literal["median", "none"]
@@ -95,7 +97,7 @@ def uncertainty_calibration(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """u on the batch's real pairs, the stopping threshold and the penalty scale (no gradient)."""
     with torch.no_grad():
-        u_real = ovr_uncertainty(*model(obs, action))
+        u_real = model.uncertainty(*model(obs, action))
         if settings.threshold == "quantile":
             threshold = torch.quantile(u_real, settings.threshold_quantile)
         else:
@@ -161,7 +163,7 @@ def extended_improvement(
         stopped = stop_reason == STOP_THRESHOLD
         stop_q = critic(stop_state, stop_action).min(dim=0).values
         objective = objective + torch.where(stopped, stop_discount * stop_q - alpha * stop_discounted_log_prob, zero)
-        final_action, final_log_prob = actor.sample(state, head=0)
+        final_action, final_log_prob = actor.sample(state, head=0, detach_params=True)
         value = critic(state, final_action).min(dim=0).values - alpha * final_log_prob
         objective = objective + torch.where(alive, settings.gamma**settings.horizon * value, zero)
 

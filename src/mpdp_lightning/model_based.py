@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from tensordict import TensorDictBase
 
 from mpdp_lightning.clock import passed_multiple
+from mpdp_lightning.data import PendingBatch
 from mpdp_lightning.metrics import log_metrics
 from mpdp_lightning.sac import SAC
 from mpdp_lightning.tasks import get_task
@@ -38,6 +39,8 @@ class ModelBasedSAC(SAC):
         max_holdout: cap on the holdout rows.
         model_patience: epochs without a 1 % holdout improvement of any member before stopping.
         model_max_epochs: cap on the epochs of one fit.
+        u_covers_reward: the One-vs-Rest model error u covers the reward output as well as the
+            next observation; False: the next observation only.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class ModelBasedSAC(SAC):
         max_holdout: PositiveInt = 5000,
         model_patience: PositiveInt = 5,
         model_max_epochs: PositiveInt = 200,
+        u_covers_reward: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(task, *args, **kwargs)
@@ -70,6 +74,7 @@ class ModelBasedSAC(SAC):
             model_layers,
             "silu",
             termination_fn=spec.termination_fn,
+            u_covers_reward=u_covers_reward,
         )
         self.model_trained_at: Optional[int] = None  # env step of the last fit
         self.model_fits = 0
@@ -134,7 +139,9 @@ class ModelBasedSAC(SAC):
         predicted, _ = self.world_model.predict_mean(transitions["obs"], transitions["action"])
         return (predicted - transitions["next_obs"]).norm(dim=-1).mean().item()
 
-    def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
+    def training_step(self, batch: Union[PendingBatch, TensorDictBase], batch_idx: int) -> None:
+        # the paper's order: this update's env step is collected (callback), the model is fitted
+        # on it, then the batch is drawn (SAC.training_step)
         if self.model_is_due():
             with self.timer.phase("model"):
                 self.train_world_model()

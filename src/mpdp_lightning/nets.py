@@ -38,9 +38,13 @@ class BatchedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
 
-    def forward_member(self, x: torch.Tensor, member: int) -> torch.Tensor:
-        """Only member ``member`` on x [B, in] (used when one head acts alone)."""
-        return torch.addmm(self.bias[member], x, self.weight[member])
+    def forward_member(self, x: torch.Tensor, member: int, detach: bool = False) -> torch.Tensor:
+        """Only member ``member`` on x [B, in] (used when one head acts alone); ``detach``: its
+        weights as constants, so gradients reach x but not the weights."""
+        weight, bias = self.weight[member], self.bias[member]
+        if detach:
+            weight, bias = weight.detach(), bias.detach()
+        return torch.addmm(bias, x, weight)
 
     def extra_repr(self) -> str:
         return f"members={self.members}, in_features={self.in_features}, out_features={self.out_features}"
@@ -79,10 +83,11 @@ class BatchedMLP(nn.Module):
                 x = self.activation(x)
         return x
 
-    def forward_member(self, x: torch.Tensor, member: int) -> torch.Tensor:
-        """Member ``member`` alone on x [B, in] -> [B, out], without computing the others."""
+    def forward_member(self, x: torch.Tensor, member: int, detach: bool = False) -> torch.Tensor:
+        """Member ``member`` alone on x [B, in] -> [B, out], without computing the others;
+        ``detach``: with its weights as constants (gradients reach x only)."""
         for i, linear in enumerate(self.linears):
-            x = linear.forward_member(x, member)
+            x = linear.forward_member(x, member, detach)
             if i < len(self.linears) - 1:
                 x = self.activation(x)
         return x

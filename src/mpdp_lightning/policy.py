@@ -56,13 +56,17 @@ class SquashedGaussianHeads(nn.Module):
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(raw_log_std) + 1.0)
         return mean, log_std
 
-    def distribution_params(self, obs: torch.Tensor, head: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def distribution_params(self, obs: torch.Tensor, head: int = 0, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-std of head ``head``'s pre-squash Gaussian for obs [B, obs_dim]."""
-        return self._split(self.net.forward_member(obs, head))
+        return self._split(self.net.forward_member(obs, head, detach))
 
-    def sample(self, obs: torch.Tensor, head: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """A reparameterised action of head ``head`` and its log-probability (summed over dims)."""
-        mean, log_std = self.distribution_params(obs, head)
+    def sample(self, obs: torch.Tensor, head: int = 0, detach_params: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action of head ``head`` and its log-probability (summed over dims).
+
+        ``detach_params``: the head's weights enter as constants, so the action and its
+        log-probability carry gradient to ``obs`` only (MPDP's value at the horizon).
+        """
+        mean, log_std = self.distribution_params(obs, head, detach_params)
         noise = torch.randn_like(mean)
         pre_tanh = mean + noise * log_std.exp()
         action = torch.tanh(pre_tanh) * self.action_scale + self.action_bias
@@ -82,14 +86,19 @@ class SquashedGaussianHeads(nn.Module):
 
 
 class TwinQ(nn.Module):
-    """Two Q networks Q_j(s, a) in one batched MLP; ``forward`` returns [2, B]."""
+    """Two Q networks Q_j(s, a) in one batched MLP; ``forward`` returns [2, B].
+
+    Always fp32, whatever the trainer's precision (autocast is switched off inside): bf16 keeps
+    8 significant bits, so a Q of ~300 would be rounded by up to 1 and the TD targets quantised.
+    """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, layers: int = 2, activation: str = "relu") -> None:
         super().__init__()
         self.net = BatchedMLP(2, obs_dim + act_dim, 1, hidden, layers, activation)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([obs, action], dim=-1)).squeeze(-1)
+        with torch.autocast(obs.device.type, enabled=False):
+            return self.net(torch.cat([obs, action], dim=-1).float()).squeeze(-1)
 
 
 class Temperature(nn.Module):

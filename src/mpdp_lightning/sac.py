@@ -12,7 +12,7 @@ The clock is ``env_steps`` (advanced by the EnvInteraction callback) and the upd
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from tensordict import TensorDictBase
 
+from mpdp_lightning.data import PendingBatch, drawn
 from mpdp_lightning.errors import NonFiniteLossError
 from mpdp_lightning.finiteness import NonFiniteGuard, non_finite_parameters
 from mpdp_lightning.metrics import MetricAccumulator, PhaseTimer
@@ -183,7 +184,8 @@ class SAC(pl.LightningModule):
             metrics["train/alpha_loss"] = loss.detach()
         return metrics
 
-    def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
+    def training_step(self, batch: Union[PendingBatch, TensorDictBase], batch_idx: int) -> None:
+        batch = drawn(batch)  # sampled now: after this update's env step and model fit
         with self.timer.phase("critic"):
             metrics = self.update_critic(batch)
         with self.timer.phase("policy"):

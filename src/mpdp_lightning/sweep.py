@@ -41,7 +41,7 @@ from mpdp_lightning.errors import MPDPError
 from mpdp_lightning.tasks import TASKS
 
 PROGRESS = re.compile(r"env steps (\d+)/(\d+) .*· eval return (\S+) · ([\d.]+) env steps/s")
-SWEEP_KEYS = {"name", "tasks", "algos", "seeds", "grid", "preset", "args", "cpus_per_trial", "gpus_per_trial",
+SWEEP_KEYS = {"name", "tasks", "algos", "seeds", "grid", "grid_algos", "preset", "args", "cpus_per_trial", "gpus_per_trial",
               "threshold", "group_by"}
 PRESETS = ("auto", "quick", "paper")
 
@@ -73,6 +73,8 @@ class Sweep:
         algos: algorithm configs (conf/algo/<algo>.yaml).
         seeds: one trial per seed (``--seed_everything``).
         grid: override -> list of values, e.g. ``model.beta: [0, 0.5]``; every combination is a trial.
+        grid_algos: the algos the grid varies (e.g. [mpdp] for an MPDP-only switch); the others run
+            once per seed with their own config. None: every algo.
         preset: MPDP's preset, as ``make train`` (auto: paper where torch sees a GPU, quick otherwise).
         args: command-line arguments added to every trial.
         cpus_per_trial: CPU cores of each trial; its torch and OpenMP threads are set to match.
@@ -87,6 +89,7 @@ class Sweep:
     algos: list[str]
     seeds: list[int]
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    grid_algos: Optional[list[str]] = None
     preset: str = "auto"
     args: list[str] = field(default_factory=list)
     cpus_per_trial: int = 1
@@ -135,6 +138,8 @@ class Sweep:
             fail(f"seeds must be distinct non-negative integers, got {self.seeds}")
         if not isinstance(self.grid, dict) or not all(isinstance(v, list) and v for v in self.grid.values()):
             fail("grid must map each override (e.g. model.beta) to a non-empty list of values")
+        if self.grid_algos is not None and (not isinstance(self.grid_algos, list) or not set(self.grid_algos) <= set(self.algos)):
+            fail(f"grid_algos must be a list of the sweep's algos ({', '.join(self.algos)}), got {self.grid_algos}")
         if self.preset not in PRESETS:
             fail(f"unknown preset {self.preset!r}; known presets: {', '.join(PRESETS)}")
         if not isinstance(self.args, list):
@@ -147,9 +152,12 @@ class Sweep:
     def trials(self) -> list[Trial]:
         names = list(self.grid)
         combos = list(itertools.product(*self.grid.values())) if names else [()]
+        varied = self.algos if self.grid_algos is None else self.grid_algos
         return [
-            Trial(task, algo, seed, tuple(zip(names, values)))
-            for task, algo, values, seed in itertools.product(self.tasks, self.algos, combos, self.seeds)
+            Trial(task, algo, seed, tuple(zip(names, values)) if algo in varied else ())
+            for task, algo in itertools.product(self.tasks, self.algos)
+            for values in (combos if algo in varied else [()])
+            for seed in self.seeds
         ]
 
     def resolved_preset(self) -> str:

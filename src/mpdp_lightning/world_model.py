@@ -71,6 +71,12 @@ class GaussianEnsemble(nn.Module):
         num_elites: members used for sampling, the best on holdout after each fit.
         hidden, layers, activation: every member's MLP.
         termination_fn: the task's ``done(obs, action, next_obs)``; None: imagined episodes never end.
+        u_covers_reward: u sums the KL over the reward output as well as the next-observation
+            outputs; False: over the next observation only (a badly fitted reward, such as
+            inverted_pendulum's step function, can otherwise dominate u; D3).
+
+    The outputs, and u, are computed in fp32 whatever the trainer's precision: u compares
+    variances that can be e^-10 apart from means that can be large.
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class GaussianEnsemble(nn.Module):
         layers: int = 4,
         activation: str = "silu",
         termination_fn: Optional[TerminationFn] = None,
+        u_covers_reward: bool = True,
     ) -> None:
         super().__init__()
         if not 0 < num_elites <= ensemble_size or ensemble_size < 2:
@@ -97,19 +104,28 @@ class GaussianEnsemble(nn.Module):
         self.target_norm = Normalizer(self.out_dim)
         self.register_buffer("elites", torch.arange(num_elites))
         self.termination_fn = termination_fn
+        self.u_covers_reward = u_covers_reward
 
     # ---- prediction ------------------------------------------------------------------------
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of every member, [K, B, obs_dim + 1], in normalised target units.
 
         obs and action are [B, .] (the same rows for every member) or [K, B, .] (one set each).
+        Always fp32: autocast is switched off inside.
         """
-        x = self.input_norm.normalize(torch.cat([obs, action], dim=-1))
-        mean, raw_logvar = self.net(x).chunk(2, dim=-1)
-        # soft bounds: smooth clamps whose limits are learned (PETS appendix A.1)
-        logvar = self.max_logvar - F.softplus(self.max_logvar - raw_logvar)
-        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
+        with torch.autocast(obs.device.type, enabled=False):
+            x = self.input_norm.normalize(torch.cat([obs, action], dim=-1).float())
+            mean, raw_logvar = self.net(x).chunk(2, dim=-1)
+            # soft bounds: smooth clamps whose limits are learned (PETS appendix A.1)
+            logvar = self.max_logvar - F.softplus(self.max_logvar - raw_logvar)
+            logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
         return mean, logvar
+
+    def uncertainty(self, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """u over the outputs it covers (all, or the next observation's only), [K, B, D] -> [B]."""
+        if not self.u_covers_reward:
+            mean, logvar = mean[..., : self.obs_dim], logvar[..., : self.obs_dim]
+        return ovr_uncertainty(mean, logvar)
 
     def predict_mean(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The elites' average predicted next observation and reward (no sampling)."""
@@ -132,23 +148,31 @@ class GaussianEnsemble(nn.Module):
             done = torch.zeros_like(reward, dtype=torch.bool)
         else:
             done = self.termination_fn(obs, action, next_obs)
-        return ModelStep(next_obs, reward, done, ovr_uncertainty(mean, logvar))
+        return ModelStep(next_obs, reward, done, self.uncertainty(mean, logvar))
 
 
 def ovr_uncertainty(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """u = sum_i KL(N_i || N_-i) for diagonal Gaussians [K, B, D] -> [B] (paper Eq. 8).
+    """u = sum_i KL(N_i || N_-i) for diagonal Gaussians [K, B, D] -> [B] (paper Eq. 8), in fp32.
 
-    N_-i moment-matches the other K-1 members: mean of their means; variance = mean of
-    (var + mean^2) minus the squared mean. KL is invariant to per-dimension affine maps, so the
-    normalised target units give the same value as real units.
+    N_-i moment-matches the other K-1 members: its mean m_i is the mean of their means, its
+    variance the mean over j != i of var_j + (mu_j - m_i)^2. That spread is computed centred:
+    with d_j = mu_j - (mean of all K), sum_{j != i} (mu_j - m_i)^2 = sum_j d_j^2 - K/(K-1) d_i^2,
+    so a common offset of the means cancels before anything is squared. The one-pass form
+    E[var + mu^2] - m^2 loses every digit once the means are large next to their spread, or
+    the variances tiny (a collapsed aleatoric variance); under bf16 it is garbage. KL is
+    invariant to per-dimension affine maps, so normalised target units give real units' value.
     """
     k = mean.shape[0]
+    mean, logvar = mean.float(), logvar.float()
     var = logvar.exp()
-    second = var + mean.pow(2)
-    rest_mean = (mean.sum(dim=0, keepdim=True) - mean) / (k - 1)
-    rest_var = (second.sum(dim=0, keepdim=True) - second) / (k - 1) - rest_mean.pow(2)
-    rest_var = rest_var.clamp_min(1e-12)  # rounding can push the moment-matched variance below 0
-    kl = 0.5 * (rest_var.log() - logvar + (var + (mean - rest_mean).pow(2)) / rest_var - 1.0)
+    deviation = mean - mean.mean(dim=0, keepdim=True)
+    sq = deviation.pow(2)
+    spread = (sq.sum(dim=0, keepdim=True) - sq * (k / (k - 1))).clamp_min(0.0)
+    other_var = (var.sum(dim=0, keepdim=True) - var).clamp_min(0.0)
+    rest_var = ((other_var + spread) / (k - 1)).clamp_min(1e-12)
+    # mu_i - m_i = d_i + d_i / (K - 1): the offset from the rest, also from centred values
+    gap = deviation * (k / (k - 1))
+    kl = 0.5 * (rest_var.log() - logvar + (var + gap.pow(2)) / rest_var - 1.0)
     return kl.sum(dim=-1).sum(dim=0)
 
 
@@ -185,6 +209,11 @@ def holdout_errors(model: GaussianEnsemble, inputs: torch.Tensor, targets: torch
     return mse, nll
 
 
+def member_bootstraps(rows: int, members: int, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Each member's bootstrap of ``rows`` training rows (drawn with replacement), [members, rows]."""
+    return torch.randint(rows, (members, rows), device=device, generator=generator)
+
+
 @dataclass
 class FitReport:
     epochs: int
@@ -210,7 +239,10 @@ def fit_ensemble(
     """Fit ``model`` on all transitions (inputs [N, obs+act], targets [N, obs+1]) as MBPO does.
 
     A random holdout (``holdout_ratio``, at most ``max_holdout``) is set aside; normalisers are
-    fitted on the rest. Each member draws its own bootstrap of the training rows every epoch.
+    fitted on the rest. Each member draws its own bootstrap of the training rows once per fit
+    (about 63 % distinct rows) and goes through it in a new order every epoch, as MBPO and PETS
+    do: redrawn every epoch, after 5 epochs every member would have seen 99 % of the rows and the
+    members, whose disagreement is u, would agree more than the data warrants.
     Each member keeps the weights of its best holdout MSE within this fit (the best starts at
     infinity); training stops once no member improved by ``min_improvement`` (relative) for
     ``patience`` epochs. The ``num_elites`` best members become the elites. ``step(loss)``
@@ -232,8 +264,9 @@ def fit_ensemble(
     best = torch.full((k,), float("inf"), device=device)
     best_state = {name: p.detach().clone() for name, p in model.net.named_parameters()}
     epochs_since_improvement, epoch = 0, 0
+    boot = member_bootstraps(train.numel(), k, device, generator)
     while epoch < max_epochs and epochs_since_improvement < patience:
-        boot = torch.randint(train.numel(), (k, train.numel()), device=device, generator=generator)
+        boot = boot.gather(1, torch.rand(boot.shape, device=device, generator=generator).argsort(dim=1))  # new order
         for start in range(0, train.numel(), batch_size):
             idx = boot[:, start : start + batch_size]
             loss, _ = nll_loss(model, train_in[idx], train_out[idx])
@@ -255,6 +288,6 @@ def fit_ensemble(
         mse, nll = holdout_errors(model, hold_in, hold_out)
         model.elites.copy_(torch.argsort(mse)[: model.num_elites])
         obs, action = hold_in.split([model.obs_dim, model.act_dim], dim=-1)
-        u = ovr_uncertainty(*model(obs, action))
+        u = model.uncertainty(*model(obs, action))
     elites = model.elites
     return FitReport(epoch, mse[elites].mean().item(), nll[elites].mean().item(), u.mean().item(), elites.tolist())
