@@ -244,3 +244,17 @@ def test_each_update_draws_its_batch_after_its_own_env_step_is_stored(in_tmp, mo
     main(fit_args("inverted_pendulum", 6, "--env_interaction.warmup_steps", "1", "--data.batch_size", "64"))
     assert [size for size, _ in seen] == [2, 3, 4, 5, 6]  # every update drew after its env step
     assert all(holds for _, holds in seen)
+
+
+def test_the_anchored_threshold_holds_from_the_first_update_and_travels_with_the_checkpoint(in_tmp):
+    main(fit_args(
+        "hopper", 250, "--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL,
+        "--model.model_max_epochs", "3", "--model.horizon", "3",
+        "--model.threshold", "anchored", algo="mpdp",
+    ))
+    client = MlflowClient(tracking_uri())
+    run_id = _only_run(client).info.run_id
+    held = [m.value for m in client.get_metric_history(run_id, "train/u_threshold")]
+    assert len(held) >= 2 and max(held) == pytest.approx(min(held), rel=1e-6)  # refits do not move it
+    checkpoint = torch.load(in_tmp / "runs/checkpoints" / run_id / "last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"]["threshold_anchor"].item() == pytest.approx(held[-1], rel=1e-6)

@@ -189,6 +189,29 @@ def test_quantile_threshold_and_median_scale_come_from_the_real_pairs():
     torch.testing.assert_close(result.diagnostics["u_threshold"], torch.quantile(u_real, 0.5))
 
 
+def test_the_anchored_threshold_is_set_by_the_first_update_and_then_held():
+    actor, critic = _nets()
+    obs, real_action = torch.randn(64, OBS), torch.rand(64, ACT) * 2 - 1
+    first, later = GaussianEnsemble(OBS, ACT, 4, 2, hidden=16, layers=2), GaussianEnsemble(OBS, ACT, 4, 2, hidden=16, layers=2)
+    with torch.no_grad():
+        later.max_logvar.fill_(-3.0)  # another model: its u on the real pairs is on another scale
+    settings = ImprovementSettings(horizon=2, threshold="anchored", threshold_quantile=0.5)
+    anchor = torch.tensor(float("nan"))
+
+    def threshold(model, rule_settings):
+        result = extended_improvement(actor, critic, model, obs, real_action, torch.tensor(0.2), rule_settings, anchor)
+        return result.diagnostics["u_threshold"]
+
+    set_by_first = threshold(first, settings)
+    torch.testing.assert_close(set_by_first, torch.quantile(ovr_uncertainty(*first(obs, real_action)).detach(), 0.5))
+    anchor.copy_(set_by_first)  # as MPDP keeps it
+    torch.testing.assert_close(threshold(later, settings), set_by_first)
+    quantile = ImprovementSettings(horizon=2, threshold="quantile", threshold_quantile=0.5)
+    assert not torch.allclose(threshold(later, quantile), set_by_first), "the quantile rule follows the model"
+    with pytest.raises(ValueError, match="anchor"):
+        extended_improvement(actor, critic, first, obs, real_action, torch.tensor(0.2), settings)
+
+
 @pytest.mark.parametrize("bad", [dict(horizon=0), dict(beta=-0.1), dict(threshold_quantile=0.0), dict(threshold="relative"),
                                  dict(penalty_scale="mean")])
 def test_bad_settings_are_refused(bad):

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
 from mpdp_lightning.policy import SquashedGaussianHeads, TwinQ, frozen
 from mpdp_lightning.world_model import GaussianEnsemble
 
-ThresholdRule = Literal["quantile", "absolute"]
+ThresholdRule = Literal["quantile", "absolute", "anchored"]
 PenaltyScale = Literal["median", "none"]
 
 
@@ -49,7 +49,11 @@ class ImprovementSettings:
     adaptive: stop rows where u crosses the threshold; False gives a fixed horizon (only
         predicted terminals end rows early).
     threshold: "quantile" (D3): u_T is the ``threshold_quantile`` quantile of u over the batch's
-        real (s, a) pairs; "absolute": the paper's literal rule, stop where log u >= ``log_threshold``.
+        real (s, a) pairs; "absolute": the paper's literal rule, stop where log u >= ``log_threshold``;
+        "anchored": the quantile rule's u_T at the first update, then held. The quantile rule
+        moves with the model (when the model improves everywhere, u_T falls with it), so it
+        measures reliability relative to the real data; an anchored u_T is an absolute level,
+        so the horizon grows as the model becomes more reliable than it was at the start.
     threshold_quantile: q of the quantile rule.
     log_threshold: u_T of the absolute rule, in log space (the paper's -5).
     penalty_scale: "median" (D7): u is divided by its median over the batch's real pairs before
@@ -74,8 +78,8 @@ class ImprovementSettings:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
         if not 0.0 < self.threshold_quantile <= 1.0:
             raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}")
-        if self.threshold not in ("quantile", "absolute"):
-            raise ValueError(f"threshold must be 'quantile' or 'absolute', got {self.threshold!r}")
+        if self.threshold not in ("quantile", "absolute", "anchored"):
+            raise ValueError(f"threshold must be 'quantile', 'absolute' or 'anchored', got {self.threshold!r}")
         if self.penalty_scale not in ("median", "none"):
             raise ValueError(f"penalty_scale must be 'median' or 'none', got {self.penalty_scale!r}")
 
@@ -93,12 +97,21 @@ STOP_THRESHOLD, STOP_TERMINAL, STOP_HORIZON = 0, 1, 2
 
 
 def uncertainty_calibration(
-    model: GaussianEnsemble, obs: torch.Tensor, action: torch.Tensor, settings: ImprovementSettings
+    model: GaussianEnsemble,
+    obs: torch.Tensor,
+    action: torch.Tensor,
+    settings: ImprovementSettings,
+    anchor: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """u on the batch's real pairs, the stopping threshold and the penalty scale (no gradient)."""
+    """u on the batch's real pairs, the stopping threshold and the penalty scale (no gradient).
+    ``anchor``: the "anchored" rule's held u_T, NaN until the first update sets it."""
     with torch.no_grad():
         u_real = model.uncertainty(*model(obs, action))
-        if settings.threshold == "quantile":
+        if settings.threshold == "anchored":
+            if anchor is None:
+                raise ValueError("the 'anchored' threshold needs the anchor it holds (a NaN tensor at first)")
+            threshold = torch.where(anchor.isnan(), torch.quantile(u_real, settings.threshold_quantile), anchor)
+        elif settings.threshold == "quantile":
             threshold = torch.quantile(u_real, settings.threshold_quantile)
         else:
             threshold = obs.new_full((), math.exp(settings.log_threshold))  # a fill: no host-to-device copy
@@ -117,13 +130,16 @@ def extended_improvement(
     real_action: torch.Tensor,
     alpha: torch.Tensor,
     settings: ImprovementSettings,
+    threshold_anchor: Optional[torch.Tensor] = None,
 ) -> ImprovementResult:
     """The H-step objective from real start states ``obs`` [B, obs_dim] (``real_action`` are the
-    batch's own actions, used only to calibrate the threshold and the penalty scale)."""
+    batch's own actions, used only to calibrate the threshold and the penalty scale).
+    ``threshold_anchor``: the "anchored" rule's held u_T (NaN: set it from this batch); the
+    threshold used is in ``diagnostics["u_threshold"]``."""
     if actor.heads < settings.horizon:
         raise ValueError(f"the actor has {actor.heads} heads, fewer than the horizon {settings.horizon}")
     batch = obs.shape[0]
-    u_real, threshold, scale = uncertainty_calibration(model, obs, real_action, settings)
+    u_real, threshold, scale = uncertainty_calibration(model, obs, real_action, settings, threshold_anchor)
     alive = torch.ones(batch, dtype=torch.bool, device=obs.device)
     stop_reason = torch.full((batch,), STOP_HORIZON, dtype=torch.long, device=obs.device)
     horizon = torch.zeros(batch, dtype=torch.long, device=obs.device)

@@ -28,8 +28,10 @@ class MPDP(ModelBasedSAC):
         horizon: H_max, the number of actor heads pi_0 .. pi_{H-1} and the longest imagined rollout.
         beta: weight of the One-vs-Rest penalty in every imagined step's reward.
         adaptive_horizon: stop imagined rows where u crosses the threshold; False: fixed horizon.
-        threshold: "quantile" (u_T from the batch's real pairs, D3) or "absolute" (log u >= log_threshold).
-        threshold_quantile: the quantile of the "quantile" rule.
+        threshold: "quantile" (u_T from the batch's real pairs, D3), "absolute" (log u >= log_threshold)
+            or "anchored" (the quantile rule's u_T at the first update, then held: the horizon
+            follows the model's absolute reliability).
+        threshold_quantile: the quantile of the "quantile" and "anchored" rules.
         log_threshold: u_T of the "absolute" rule, in log space (the paper's -5).
         penalty_scale: "median" (u relative to its median on the real pairs, D7) or "none" (raw u).
         head_grad_clip: clip the heads' gradient norm to this value (D6); None: no clipping.
@@ -57,6 +59,8 @@ class MPDP(ModelBasedSAC):
         self.actor = self.build_actor(heads=horizon)  # pi_0 .. pi_{H-1}; pi_0 acts
         # rows per horizon value (0 .. H) since the last log point (a buffer: it follows the
         # module's device), and the history of windows
+        # the "anchored" rule's u_T (NaN until the first update sets it), saved with the weights
+        self.register_buffer("threshold_anchor", torch.tensor(float("nan")))
         self.register_buffer("horizon_counts", torch.zeros(horizon + 1, dtype=torch.long), persistent=False)
         self.horizon_history: dict[int, list[int]] = {}
         self._sac_windows = 0  # consecutive log windows in which every row stopped at its first step
@@ -65,8 +69,10 @@ class MPDP(ModelBasedSAC):
         """Algorithm 1: one backward of the H-step objective into every head."""
         result = extended_improvement(
             self.actor, self.critic, self.world_model, batch["obs"], batch["action"],
-            self.temperature.alpha, self.improvement,
+            self.temperature.alpha, self.improvement, self.threshold_anchor,
         )
+        if self.improvement.threshold == "anchored":
+            self.threshold_anchor.copy_(result.diagnostics["u_threshold"])  # on the device: no sync
         actor_optimizer = self.optimizer("actor")
         actor_optimizer.zero_grad(set_to_none=True)
         self.manual_backward(result.loss)
@@ -113,5 +119,7 @@ class MPDP(ModelBasedSAC):
         checkpoint["horizon_history"] = {int(k): v for k, v in self.horizon_history.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints from before the anchored rule existed: no anchor set yet
+        checkpoint["state_dict"].setdefault("threshold_anchor", torch.tensor(float("nan")))
         super().on_load_checkpoint(checkpoint)
         self.horizon_history = {int(k): list(v) for k, v in checkpoint.get("horizon_history", {}).items()}
