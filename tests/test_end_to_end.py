@@ -192,7 +192,7 @@ def test_world_model_phase_runs_in_training_and_is_checkpointed(in_tmp):
     # first fit on the first update (after 100 warm-up steps), then at multiples of 100
     assert _steps(client, run_id, "model/holdout_mse") == [101, 200, 300]
     assert _steps(client, run_id, "model/error_l2") == [200, 300]  # needs a model fitted before
-    for metric in ("model/holdout_nll", "model/epochs", "model/elites", "model/u_mean"):
+    for metric in ("model/holdout_nll", "model/epochs", "model/elites", "model/u_mean", "model/mean_spread"):
         assert _steps(client, run_id, metric) == [101, 200, 300], metric
     checkpoint = torch.load(in_tmp / "runs/checkpoints" / run_id / "last.ckpt", weights_only=True)
     assert checkpoint["counters"]["model_trained_at"] == 300 and checkpoint["counters"]["model_fits"] == 3

@@ -127,6 +127,7 @@ class ModelBasedSAC(SAC):
                 "model/epochs": float(report.epochs),
                 "model/elites": float(len(report.elites)),
                 "model/u_mean": report.u_mean,
+                "model/mean_spread": report.mean_spread,
                 "time/model_fit_seconds": time.perf_counter() - start,
             }
         )

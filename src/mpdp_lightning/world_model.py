@@ -220,6 +220,7 @@ class FitReport:
     holdout_mse: float  # mean over the elites
     holdout_nll: float
     u_mean: float  # OvR model error on the holdout pairs
+    mean_spread: float  # variance of the K members' means on the holdout pairs (normalised units)
     elites: list[int]
 
 
@@ -288,6 +289,8 @@ def fit_ensemble(
         mse, nll = holdout_errors(model, hold_in, hold_out)
         model.elites.copy_(torch.argsort(mse)[: model.num_elites])
         obs, action = hold_in.split([model.obs_dim, model.act_dim], dim=-1)
-        u = model.uncertainty(*model(obs, action))
+        mean, logvar = model(obs, action)
+        u = model.uncertainty(mean, logvar)
+        spread = mean.var(dim=0).mean()  # the members' disagreement alone, without their variances
     elites = model.elites
-    return FitReport(epoch, mse[elites].mean().item(), nll[elites].mean().item(), u.mean().item(), elites.tolist())
+    return FitReport(epoch, mse[elites].mean().item(), nll[elites].mean().item(), u.mean().item(), spread.item(), elites.tolist())
