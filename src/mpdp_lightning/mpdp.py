@@ -57,10 +57,10 @@ class MPDP(ModelBasedSAC):
             horizon, hp.gamma, beta, adaptive_horizon, threshold, threshold_quantile, log_threshold, penalty_scale
         )
         self.actor = self.build_actor(heads=horizon)  # pi_0 .. pi_{H-1}; pi_0 acts
-        # rows per horizon value (0 .. H) since the last log point (a buffer: it follows the
-        # module's device), and the history of windows
         # the "anchored" rule's u_T (NaN until the first update sets it), saved with the weights
         self.register_buffer("threshold_anchor", torch.tensor(float("nan")))
+        # rows per horizon value (0 .. H) since the last log point (a buffer: it follows the
+        # module's device), and the history of windows
         self.register_buffer("horizon_counts", torch.zeros(horizon + 1, dtype=torch.long), persistent=False)
         self.horizon_history: dict[int, list[int]] = {}
         self._sac_windows = 0  # consecutive log windows in which every row stopped at its first step
