@@ -258,3 +258,25 @@ def test_the_anchored_threshold_holds_from_the_first_update_and_travels_with_the
     assert len(held) >= 2 and max(held) == pytest.approx(min(held), rel=1e-6)  # refits do not move it
     checkpoint = torch.load(in_tmp / "runs/checkpoints" / run_id / "last.ckpt", weights_only=True)
     assert checkpoint["state_dict"]["threshold_anchor"].item() == pytest.approx(held[-1], rel=1e-6)
+
+
+def test_mpdp_trains_under_bf16_mixed_precision_with_the_model_and_critics_in_fp32(in_tmp, monkeypatch):
+    # Lightning's bf16-mixed autocasts the update; the model's outputs, u and Q must stay fp32.
+    from mpdp_lightning.world_model import GaussianEnsemble
+
+    dtypes = set()
+    step = GaussianEnsemble.step
+
+    def recording_step(self, obs, action, generator=None):
+        result = step(self, obs, action, generator)
+        dtypes.update({result.u.dtype, result.next_obs.dtype, torch.is_autocast_enabled("cpu")})
+        return result
+
+    monkeypatch.setattr(GaussianEnsemble, "step", recording_step)
+    main(fit_args(
+        "hopper", 160, "--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL,
+        "--model.model_max_epochs", "2", "--model.horizon", "3", "--trainer.precision", "bf16-mixed", algo="mpdp",
+    ))
+    assert dtypes == {torch.float32, True}, dtypes  # inside autocast, and still fp32
+    run = _only_run(MlflowClient(tracking_uri()))
+    assert run.info.status == "FINISHED" and run.data.params["trainer.precision"] == "bf16-mixed"
