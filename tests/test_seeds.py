@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -94,6 +95,17 @@ def test_first_step_at_the_threshold_and_whether_it_stays(s1):
     assert low["stays"] == 2
     single = _row(table, "MPDP", "0.5")
     assert single["first_step_median"] == math.inf and single["stays"] == 0  # never: infinitely late
+
+
+def test_the_step_from_which_a_run_stays_above_the_threshold(s1):
+    runs, curves = s1
+    sac = _row(seeds.seed_table(runs, curves["eval/return"], threshold=900), "SAC")
+    # seed 0: 100 500 900 1000; seed 1 dips: 200 950 800 950; seed 2 never gets there
+    assert sac["settled_per_seed"] == "0:3000 1:4000 2:never"
+    assert sac["settled_median"] == 4000
+    steps = np.array([1000.0, 2000.0, 3000.0])
+    assert seeds.settled_from(steps, np.array([950.0, 990.0, 1000.0]), 900) == 1000.0
+    assert math.isnan(seeds.settled_from(steps, np.array([950.0, 990.0, 800.0]), 900))
 
 
 def test_readable_table(s1):

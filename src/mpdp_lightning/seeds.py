@@ -14,15 +14,17 @@ latest attempt's, see ``compare.latest_attempt``):
   eval return, in return units, comparable between tasks' budgets and eval intervals. A single
   evaluation gives its value. NaN for a run that has not reached the end of its budget.
 - with a threshold: ``first_step``, the first env step whose evaluation is >= the threshold (NaN
-  when never), and ``stays``, whether every later evaluation is >= the threshold too (False
-  when never reached; judged on the evaluations the run has).
+  when never), ``stays``, whether every later evaluation is >= the threshold too (False when
+  never reached; judged on the evaluations the run has), and ``settled_step``, the env step from
+  which every evaluation is >= the threshold (NaN when the last one is below it): a run that
+  dips once after first reaching it settles later than it first reached it.
 
 Per group (``seed_table``): ``runs`` (how many runs, i.e. seeds), ``seeds``, then for each of the
 returns above and ``auc`` the mean, the sample standard deviation (ddof=1, so the spread of the
 seeds as a sample of all seeds; one run gives NaN, not 0) and ``_n``, the runs that have a value;
-with a threshold, the per-seed first steps and stays flags, their ``median`` (a run that never
-reached it counts as infinitely late, so the median is ``inf``, "never", when at most half the
-runs reached it) and ``stays``, how many runs stayed.
+with a threshold, the per-seed first steps, stays flags and settled steps, the medians of the
+first and settled steps (a run that never reached or settled counts as infinitely late, so the
+median is ``inf``, "never", when at most half the runs did) and ``stays``, how many runs stayed.
 
 Groups are task and algorithm, the sweep when the runs come from several, the params the user
 names (``group_by``) and the params found to differ between runs of the same task and algorithm
@@ -165,6 +167,14 @@ def first_reach(steps: np.ndarray, values: np.ndarray, threshold: float) -> tupl
     return float(steps[first]), bool(above[first:].all())
 
 
+def settled_from(steps: np.ndarray, values: np.ndarray, threshold: float) -> float:
+    """The env step from which every value is >= ``threshold``; NaN when the last one is below it."""
+    below = np.flatnonzero(values < threshold)
+    if len(values) == 0 or (len(below) and below[-1] == len(values) - 1):
+        return math.nan
+    return float(steps[below[-1] + 1]) if len(below) else float(steps[0])
+
+
 def _budget(run: dict, steps: np.ndarray) -> float:
     try:
         return float(run.get(BUDGET_PARAM))
@@ -198,11 +208,12 @@ def per_run(
         row["auc"] = _area(steps[within], values[within]) if last >= budget - 1e-6 else math.nan
         if threshold is not None:
             row["first_step"], row["stays"] = first_reach(steps, values, threshold)
+            row["settled_step"] = settled_from(steps, values, threshold)
         rows.append(row)
     columns = ["run_id", "run_name", "task", "algo", "seed", "status", "sweep", "budget", "last_eval_step",
                "evaluations", *(fraction_column(f) for f in (*fractions, 1)), "auc"]
     if threshold is not None:
-        columns += ["first_step", "stays"]
+        columns += ["first_step", "stays", "settled_step"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -243,6 +254,9 @@ def seed_table(
             row["first_step_median"] = float(np.median(np.where(np.isnan(firsts), np.inf, firsts)))
             row["stays_per_seed"] = " ".join(f"{s}:{'yes' if stay else 'no'}" for s, stay in zip(seeds, group["stays"]))
             row["stays"] = int(group["stays"].sum())
+            settled = group["settled_step"].to_numpy(dtype=float)
+            row["settled_per_seed"] = " ".join(f"{s}:{_step_text(f)}" for s, f in zip(seeds, settled))
+            row["settled_median"] = float(np.median(np.where(np.isnan(settled), np.inf, settled)))
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
@@ -279,6 +293,8 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
         shown["median first"] = [_step_text(step) for step in table["first_step_median"]]
         shown["stays per seed"] = table["stays_per_seed"]
         shown["stay"] = [f"{s}/{r}" for s, r in zip(table["stays"], table["runs"])]
+        shown[f">= {at} for good from"] = table["settled_per_seed"]
+        shown["median for good"] = [_step_text(step) for step in table["settled_median"]]
     return shown
 
 
