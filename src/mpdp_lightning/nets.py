@@ -9,9 +9,13 @@ members in the forward or backward pass.
 from __future__ import annotations
 
 import math
+from typing import Sequence, Union
 
 import torch
 from torch import nn
+
+# One member's (weight [in, out], bias [1, out]) per layer, input layer first.
+MemberWeights = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU}
 
@@ -37,14 +41,6 @@ class BatchedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
-
-    def forward_member(self, x: torch.Tensor, member: int, detach: bool = False) -> torch.Tensor:
-        """Only member ``member`` on x [B, in] (used when one head acts alone); ``detach``: its
-        weights as constants, so gradients reach x but not the weights."""
-        weight, bias = self.weight[member], self.bias[member]
-        if detach:
-            weight, bias = weight.detach(), bias.detach()
-        return torch.addmm(bias, x, weight)
 
     def extra_repr(self) -> str:
         return f"members={self.members}, in_features={self.in_features}, out_features={self.out_features}"
@@ -83,11 +79,29 @@ class BatchedMLP(nn.Module):
                 x = self.activation(x)
         return x
 
-    def forward_member(self, x: torch.Tensor, member: int, detach: bool = False) -> torch.Tensor:
-        """Member ``member`` alone on x [B, in] -> [B, out], without computing the others;
-        ``detach``: with its weights as constants (gradients reach x only)."""
-        for i, linear in enumerate(self.linears):
-            x = linear.forward_member(x, member, detach)
-            if i < len(self.linears) - 1:
+    def member_weights(self) -> list[MemberWeights]:
+        """Every member's (weight, bias) of every layer, as views of the stacked parameters.
+
+        One ``unbind`` per parameter: its backward writes all members' gradients in one stack.
+        Indexing one member per call instead allocates and zero-fills the whole stacked gradient
+        on every call (measured: 18 % of an MPDP improvement with H 10 heads on the CPU).
+        """
+        per_layer = [(linear.weight.unbind(0), linear.bias.unbind(0)) for linear in self.linears]
+        return [[(weights[m], biases[m]) for weights, biases in per_layer] for m in range(self.members)]
+
+    def forward_member(self, x: torch.Tensor, member: Union[int, MemberWeights], detach: bool = False) -> torch.Tensor:
+        """Member ``member`` alone on x [B, in] -> [B, out], without computing the others.
+
+        ``member``: its index, or its weights from ``member_weights`` (tensors, so that one
+        compiled graph serves every member). ``detach``: its weights as constants (gradients
+        reach x only).
+        """
+        if isinstance(member, int):
+            member = [(linear.weight[member], linear.bias[member]) for linear in self.linears]
+        for i, (weight, bias) in enumerate(member):
+            if detach:
+                weight, bias = weight.detach(), bias.detach()
+            x = torch.addmm(bias, x, weight)
+            if i < len(member) - 1:
                 x = self.activation(x)
         return x

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpdp_lightning.nets import BatchedMLP
+from mpdp_lightning.nets import BatchedMLP, MemberWeights
+
+Head = Union[int, MemberWeights]  # a head: its index, or its weights (BatchedMLP.member_weights)
 
 _LOG_2 = math.log(2.0)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -56,18 +58,29 @@ class SquashedGaussianHeads(nn.Module):
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(raw_log_std) + 1.0)
         return mean, log_std
 
-    def distribution_params(self, obs: torch.Tensor, head: int = 0, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def head_weights(self) -> list[MemberWeights]:
+        """Each head's weights as views that carry gradient (see BatchedMLP.member_weights)."""
+        return self.net.member_weights()
+
+    def distribution_params(self, obs: torch.Tensor, head: Head = 0, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-std of head ``head``'s pre-squash Gaussian for obs [B, obs_dim]."""
         return self._split(self.net.forward_member(obs, head, detach))
 
-    def sample(self, obs: torch.Tensor, head: int = 0, detach_params: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, obs: torch.Tensor, head: Head = 0, detach_params: bool = False, noise: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """A reparameterised action of head ``head`` and its log-probability (summed over dims).
 
+        ``head``: its index, or its weights from ``head_weights()`` (one compiled graph serves
+        every head, and the gradient of all heads is written once per backward).
         ``detach_params``: the head's weights enter as constants, so the action and its
         log-probability carry gradient to ``obs`` only (MPDP's value at the horizon).
+        ``noise``: the standard normal draw [B, act_dim] (drawn here when None); given, the
+        sample is a deterministic function of it (compiled and compacted runs use the same draw).
         """
         mean, log_std = self.distribution_params(obs, head, detach_params)
-        noise = torch.randn_like(mean)
+        if noise is None:
+            noise = torch.randn_like(mean)
         pre_tanh = mean + noise * log_std.exp()
         action = torch.tanh(pre_tanh) * self.action_scale + self.action_bias
         # log N(u; mean, std) - log |d action / d u|, with log(1 - tanh(u)^2) written stably.

@@ -11,6 +11,8 @@ diagnostics, and each reaches only the parameters it is meant to train.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from tensordict import TensorDictBase
 
@@ -40,8 +42,10 @@ def actor_loss(
     critic: TwinQ,
     obs: torch.Tensor,
     alpha: torch.Tensor,
+    noise: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    action, log_prob = actor.sample(obs, 0)
+    """``noise``: the action's standard normal draw [B, act_dim]; None: drawn here."""
+    action, log_prob = actor.sample(obs, 0, noise=noise)
     with frozen(critic):
         q = critic(obs, action).min(dim=0).values
     loss = (alpha * log_prob - q).mean()
