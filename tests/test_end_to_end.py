@@ -267,8 +267,8 @@ def test_mpdp_trains_under_bf16_mixed_precision_with_the_model_and_critics_in_fp
     dtypes = set()
     step = GaussianEnsemble.step
 
-    def recording_step(self, obs, action, generator=None):
-        result = step(self, obs, action, generator)
+    def recording_step(self, obs, action, *args, **kwargs):
+        result = step(self, obs, action, *args, **kwargs)
         dtypes.update({result.u.dtype, result.next_obs.dtype, torch.is_autocast_enabled("cpu")})
         return result
 

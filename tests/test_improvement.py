@@ -10,12 +10,13 @@ from mpdp_lightning.improvement import (
     STOP_HORIZON,
     STOP_TERMINAL,
     STOP_THRESHOLD,
+    ImaginationNoise,
     ImprovementSettings,
     extended_improvement,
 )
 from mpdp_lightning.policy import SquashedGaussianHeads, TwinQ
 from mpdp_lightning.sac_losses import actor_loss
-from mpdp_lightning.world_model import GaussianEnsemble, ModelStep, ovr_uncertainty
+from mpdp_lightning.world_model import GaussianEnsemble, ModelStep, nll_loss, ovr_uncertainty
 
 OBS, ACT, B, H = 3, 2, 6, 5
 
@@ -45,7 +46,9 @@ class ScriptedModel(nn.Module):
     def uncertainty(self, mean, logvar):
         return ovr_uncertainty(mean, logvar)
 
-    def step(self, obs, action):
+    num_elites = 1
+
+    def step(self, obs, action, **randomness):
         t = min(self.t, len(self.u_script) - 1)
         self.t += 1
         u = self.u_script[t].clone()
@@ -62,10 +65,9 @@ def test_all_rows_stopped_at_first_step_is_sacs_actor_loss():
     obs, real_action = torch.randn(B, OBS), torch.rand(B, ACT) * 2 - 1
     alpha = torch.tensor(0.2)
     settings = ImprovementSettings(horizon=H, threshold="absolute", log_threshold=-math.inf)  # u >= 0 = u_T
-    torch.manual_seed(7)
-    result = extended_improvement(actor, critic, model, obs, real_action, alpha, settings)
-    torch.manual_seed(7)
-    expected, _ = actor_loss(actor, critic, obs, alpha)
+    noise = ImaginationNoise.draw(H, obs, ACT, model.num_elites)
+    result = extended_improvement(actor, critic, model, obs, real_action, alpha, settings, noise=noise)
+    expected, _ = actor_loss(actor, critic, obs, alpha, noise=noise.action[0])
     torch.testing.assert_close(result.loss, expected)
     assert (result.horizon == 0).all() and (result.stop_reason == STOP_THRESHOLD).all()
     assert result.diagnostics["stopped_at_first_step"] == 1.0
@@ -223,7 +225,7 @@ def _head_grads(actor, critic, model, obs, route_final):
     """Gradients of every head after one backward of J (adaptive off: every row reaches H).
     ``route_final(actor, orig_sample)`` decides which weights sample V(s_H)'s action a'."""
     orig = actor.sample
-    actor.sample = lambda state, head=0, detach_params=False: route_final(orig, state, head, detach_params)
+    actor.sample = lambda state, head=0, detach_params=False, noise=None: route_final(orig, state, head, detach_params, noise)
     try:
         torch.manual_seed(3)
         result = extended_improvement(actor, critic, model, obs, torch.zeros(B, ACT), torch.tensor(0.2),
@@ -244,10 +246,64 @@ def test_the_value_at_the_horizon_reaches_the_heads_only_through_the_last_state(
     constant_pi0.load_state_dict(actor.state_dict())
     constant_pi0.requires_grad_(False)  # V's a' from these weights: a function of s_H alone
 
-    as_built = _head_grads(actor, critic, model, obs, lambda orig, s, h, d: orig(s, h, d))
+    as_built = _head_grads(actor, critic, model, obs, lambda orig, s, h, d, n: orig(s, h, d, n))
     reference = _head_grads(actor, critic, model, obs,
-                            lambda orig, s, h, d: constant_pi0.sample(s, h) if d else orig(s, h))
-    live = _head_grads(actor, critic, model, obs, lambda orig, s, h, d: orig(s, h))  # the old form
+                            lambda orig, s, h, d, n: constant_pi0.sample(s, h, noise=n) if d else orig(s, h, noise=n))
+    live = _head_grads(actor, critic, model, obs, lambda orig, s, h, d, n: orig(s, h, noise=n))  # the old form
     for got, want in zip(as_built, reference):
         torch.testing.assert_close(got, want)
     assert any(not torch.allclose(a, b) for a, b in zip(live, reference)), "live weights would add a SAC gradient"
+
+
+def _parity_setup(batch=64, horizon=4, quantile=0.99):
+    """A small fitted ensemble whose rows end every way (threshold, terminal, horizon)."""
+    torch.manual_seed(0)
+    actor, critic = _nets(heads=horizon)
+    done = lambda obs, action, next_obs: next_obs[..., 0] > 1.5  # noqa: E731
+    model = GaussianEnsemble(OBS, ACT, 4, 3, hidden=16, layers=2, termination_fn=done)
+    inputs = torch.randn(256, OBS + ACT)
+    targets = torch.cat([0.3 * inputs[:, :OBS] + 0.1 * torch.randn(256, OBS), inputs[:, :1]], dim=-1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss, _ = nll_loss(model, inputs[None].expand(4, -1, -1), targets[None].expand(4, -1, -1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    obs, real_action = torch.randn(batch, OBS), torch.rand(batch, ACT) * 2 - 1
+    settings = ImprovementSettings(horizon=horizon, threshold_quantile=quantile)
+    noise = ImaginationNoise.draw(horizon, obs, ACT, model.num_elites)
+    return actor, critic, model, obs, real_action, settings, noise
+
+
+def _loss_and_grads(actor, critic, model, obs, real_action, settings, noise, **how):
+    result = extended_improvement(actor, critic, model, obs, real_action, torch.tensor(0.2), settings, noise=noise, **how)
+    actor.zero_grad(set_to_none=True)
+    result.loss.backward()
+    return result, [p.grad.clone() for p in actor.parameters()]
+
+
+def test_compacted_rows_give_the_masked_loss_gradients_and_stops():
+    # dropping the rows that have ended must change nothing: same J, same head gradients, and
+    # every row stops at the same step for the same reason
+    setup = _parity_setup()
+    masked, masked_grads = _loss_and_grads(*setup, compact=False)
+    compacted, compacted_grads = _loss_and_grads(*setup, compact=True)
+    assert set(masked.stop_reason.tolist()) == {STOP_THRESHOLD, STOP_TERMINAL, STOP_HORIZON}  # every path is covered
+    torch.testing.assert_close(compacted.loss, masked.loss, atol=1e-5, rtol=1e-5)
+    for got, want in zip(compacted_grads, masked_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(compacted.horizon, masked.horizon) and torch.equal(compacted.stop_reason, masked.stop_reason)
+    for name, value in masked.diagnostics.items():
+        torch.testing.assert_close(compacted.diagnostics[name], value, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["masked", "compacted"])
+def test_compiled_steps_give_the_eager_loss_and_gradients(compact):
+    # torch.compile of the per-step function (a cold compile of a few seconds per variant)
+    setup = _parity_setup()
+    eager, eager_grads = _loss_and_grads(*setup, compact=compact)
+    compiled, compiled_grads = _loss_and_grads(*setup, compact=compact, compiled=True)
+    torch.testing.assert_close(compiled.loss, eager.loss, atol=1e-5, rtol=1e-5)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(compiled.horizon, eager.horizon)

@@ -19,19 +19,30 @@ A row ends (D1):
 The loss is -mean(J); one backward reaches every head that some row used. The model's and the
 critics' weights are frozen (gradients flow through them to the actions, never into them).
 
-Every row runs all H steps as one batch (no host synchronisation to ask whether rows are still
-alive); ended rows are masked with ``torch.where``, which passes them exactly zero gradient, and
-they keep their last state detached so that nothing they compute can reach the loss.
+Two ways to run the same objective (equal loss and gradients, tested):
+- masked: every row runs all H steps as one batch, with no host synchronisation to ask whether
+  rows are still alive (what a CUDA graph needs); ended rows are masked with ``torch.where``,
+  which passes them exactly zero gradient, and they keep their last state detached so that
+  nothing they compute can reach the loss;
+- compacted: after each step only the live rows go on (an index_select), so rows that have
+  stopped cost nothing; it asks the host how many rows are left, which is free on the CPU.
+All randomness (each head's action noise, the model's elite and sample noise per row and step)
+is drawn once up front (``ImaginationNoise``), so a row's rollout is the same in both, and the
+same in eager and compiled runs. ``imagine_step``, one step of one batch of rows, is what
+``torch.compile`` compiles: one graph serves every step and head, instead of an unrolled H-step
+graph whose cold compile grows with H.
 """
 
 from __future__ import annotations
 
 import math
+import functools
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
+from mpdp_lightning.nets import MemberWeights
 from mpdp_lightning.policy import SquashedGaussianHeads, TwinQ, frozen
 from mpdp_lightning.world_model import GaussianEnsemble
 
@@ -122,6 +133,58 @@ def uncertainty_calibration(
     return u_real, threshold, scale
 
 
+@dataclass
+class ImaginationNoise:
+    """Every random draw of one improvement, per step and row: a row's rollout depends only on
+    its own draws, whichever rows share its batch."""
+
+    action: torch.Tensor  # [H, B, act_dim] standard normal of each head's action
+    pick: torch.Tensor  # [H, B] which elite (0 .. num_elites - 1) samples the row's model step
+    model: torch.Tensor  # [H, B, obs_dim + 1] standard normal of the model's sample
+    final_action: torch.Tensor  # [B, act_dim] standard normal of pi_0's action in V(s_H)
+
+    @classmethod
+    def draw(cls, horizon: int, obs: torch.Tensor, act_dim: int, num_elites: int) -> "ImaginationNoise":
+        batch, out_dim = obs.shape[0], obs.shape[1] + 1
+        like = dict(device=obs.device, dtype=torch.float32)
+        return cls(
+            torch.randn(horizon, batch, act_dim, **like),
+            torch.randint(num_elites, (horizon, batch), device=obs.device),
+            torch.randn(horizon, batch, out_dim, **like),
+            torch.randn(batch, act_dim, **like),
+        )
+
+
+def imagine_step(
+    actor: SquashedGaussianHeads,
+    model: GaussianEnsemble,
+    state: torch.Tensor,
+    head: MemberWeights,
+    action_noise: torch.Tensor,
+    pick: torch.Tensor,
+    model_noise: torch.Tensor,
+    alpha: torch.Tensor,
+    penalty: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """One imagined step of rows ``state`` [B, obs_dim] under the head whose weights are ``head``:
+    (action, log pi(a|s), next state, reward - alpha log pi - penalty * u, u, predicted terminal).
+    ``penalty`` is beta / scale. Pure (no in-place state), so torch.compile captures it whole."""
+    action, log_prob = actor.sample(state, head, noise=action_noise)
+    step = model.step(state, action, pick=pick, noise=model_noise)
+    reward = step.reward - alpha * log_prob - penalty * step.u
+    return action, log_prob, step.next_obs, reward, step.u, step.done
+
+
+StepFn = Callable[..., tuple[torch.Tensor, ...]]
+
+
+@functools.cache
+def compiled_imagine_step(dynamic: bool) -> StepFn:
+    """``imagine_step`` under torch.compile, built once per process (Inductor also caches its
+    kernels on disk between runs). ``dynamic``: the batch size varies (compacted rows)."""
+    return torch.compile(imagine_step, dynamic=dynamic)
+
+
 def extended_improvement(
     actor: SquashedGaussianHeads,
     critic: TwinQ,
@@ -131,59 +194,32 @@ def extended_improvement(
     alpha: torch.Tensor,
     settings: ImprovementSettings,
     threshold_anchor: Optional[torch.Tensor] = None,
+    noise: Optional[ImaginationNoise] = None,
+    compact: bool = False,
+    compiled: bool = False,
 ) -> ImprovementResult:
     """The H-step objective from real start states ``obs`` [B, obs_dim] (``real_action`` are the
     batch's own actions, used only to calibrate the threshold and the penalty scale).
-    ``threshold_anchor``: the "anchored" rule's held u_T (NaN: set it from this batch); the
-    threshold used is in ``diagnostics["u_threshold"]``."""
+
+    Args:
+        threshold_anchor: the "anchored" rule's held u_T (NaN: set it from this batch); the
+            threshold used is in ``diagnostics["u_threshold"]``.
+        noise: the improvement's random draws; None: drawn here.
+        compact: go on with the live rows only (see the module's docstring); False: masked.
+        compiled: run each step through ``torch.compile`` (same loss and gradients).
+    """
     if actor.heads < settings.horizon:
         raise ValueError(f"the actor has {actor.heads} heads, fewer than the horizon {settings.horizon}")
-    batch = obs.shape[0]
     u_real, threshold, scale = uncertainty_calibration(model, obs, real_action, settings, threshold_anchor)
-    alive = torch.ones(batch, dtype=torch.bool, device=obs.device)
-    stop_reason = torch.full((batch,), STOP_HORIZON, dtype=torch.long, device=obs.device)
-    horizon = torch.zeros(batch, dtype=torch.long, device=obs.device)
-    objective = torch.zeros(batch, device=obs.device)
-    imagined_u = []
-    state = obs
-    zero = torch.zeros((), device=obs.device)
-    # The (s_t, a_t) where each row crossed the threshold, gathered over the steps, so that the
-    # critic runs once for all stopped rows after the loop instead of once per step.
-    stop_state, stop_action = torch.zeros_like(obs), None
-    stop_discounted_log_prob = torch.zeros(batch, device=obs.device)
-    stop_discount = torch.zeros(batch, device=obs.device)
+    if noise is None:
+        noise = ImaginationNoise.draw(settings.horizon, obs, actor.act_dim, model.num_elites)
+    step_fn = compiled_imagine_step(dynamic=compact) if compiled else imagine_step
+    rollout = _compacted_rollout if compact else _masked_rollout
     with frozen(model), frozen(critic):
-        for t in range(settings.horizon):
-            action, log_prob = actor.sample(state, head=t)
-            if t == 0:
-                pi0_log_prob = log_prob.detach()
-                stop_action = torch.zeros_like(action)
-            step = model.step(state, action)
-            imagined_u.append(step.u.detach())
-            discount = settings.gamma**t
-            unreliable = alive & (step.u >= threshold) if settings.adaptive else torch.zeros_like(alive)
-            # D1: a row stopped by u ends with the soft Q of its unreliable pair, no model step
-            stop_state = torch.where(unreliable.unsqueeze(-1), state, stop_state)
-            stop_action = torch.where(unreliable.unsqueeze(-1), action, stop_action)
-            stop_discounted_log_prob = torch.where(unreliable, discount * log_prob, stop_discounted_log_prob)
-            stop_discount = torch.where(unreliable, discount, stop_discount)
-            going = alive & ~unreliable
-            reward = step.reward - alpha * log_prob - settings.beta * step.u / scale
-            objective = objective + torch.where(going, discount * reward, zero)
-            terminal = going & step.done
-            stop_reason = torch.where(unreliable, STOP_THRESHOLD, torch.where(terminal, STOP_TERMINAL, stop_reason))
-            horizon = horizon + going.long()
-            alive = going & ~step.done
-            # ended rows keep their last state, cut from the graph: they only run along masked
-            state = torch.where(alive.unsqueeze(-1), step.next_obs, state.detach())
-        stopped = stop_reason == STOP_THRESHOLD
-        stop_q = critic(stop_state, stop_action).min(dim=0).values
-        objective = objective + torch.where(stopped, stop_discount * stop_q - alpha * stop_discounted_log_prob, zero)
-        final_action, final_log_prob = actor.sample(state, head=0, detach_params=True)
-        value = critic(state, final_action).min(dim=0).values - alpha * final_log_prob
-        objective = objective + torch.where(alive, settings.gamma**settings.horizon * value, zero)
+        objective, horizon, stop_reason, pi0_log_prob, first_u = rollout(
+            step_fn, actor, critic, model, obs, alpha, settings, threshold, settings.beta / scale, noise
+        )
 
-    imagined = torch.stack(imagined_u)  # [H, B]
     log_u_real = u_real.clamp_min(1e-12).log()
     quantiles = [torch.quantile(log_u_real, q) for q in (0.1, 0.5, 0.9)]  # float q: no copy to the device
     horizon_f = horizon.float()
@@ -195,7 +231,7 @@ def extended_improvement(
         "stop_terminal": (stop_reason == STOP_TERMINAL).float().mean(),
         "stop_horizon": (stop_reason == STOP_HORIZON).float().mean(),
         "stopped_at_first_step": (horizon == 0).float().mean(),
-        "u_mean": imagined[0].mean(),  # u of the first imagined pairs (pi_0 at real states)
+        "u_mean": first_u.mean(),  # u of the first imagined pairs (pi_0 at real states)
         "u_real_mean": u_real.mean(),
         "u_threshold": threshold,
         "log_u_real_q10": quantiles[0],
@@ -203,3 +239,131 @@ def extended_improvement(
         "log_u_real_q90": quantiles[2],
     }
     return ImprovementResult(-objective.mean(), horizon, stop_reason, pi0_log_prob, diagnostics)
+
+
+Rollout = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _masked_rollout(
+    step_fn: StepFn,
+    actor: SquashedGaussianHeads,
+    critic: TwinQ,
+    model: GaussianEnsemble,
+    obs: torch.Tensor,
+    alpha: torch.Tensor,
+    settings: ImprovementSettings,
+    threshold: torch.Tensor,
+    penalty: torch.Tensor,
+    noise: ImaginationNoise,
+) -> Rollout:
+    """All rows through all H steps; returns (J per row, horizon, stop reason, log pi_0 at the
+    start states, u of the first step)."""
+    batch = obs.shape[0]
+    heads = actor.head_weights()
+    alive = torch.ones(batch, dtype=torch.bool, device=obs.device)
+    stop_reason = torch.full((batch,), STOP_HORIZON, dtype=torch.long, device=obs.device)
+    horizon = torch.zeros(batch, dtype=torch.long, device=obs.device)
+    objective = torch.zeros(batch, device=obs.device)
+    state = obs
+    zero = torch.zeros((), device=obs.device)
+    # The (s_t, a_t) where each row crossed the threshold, gathered over the steps, so that the
+    # critic runs once for all stopped rows after the loop instead of once per step.
+    stop_state, stop_action = torch.zeros_like(obs), obs.new_zeros(batch, actor.act_dim)
+    stop_discounted_log_prob = torch.zeros(batch, device=obs.device)
+    stop_discount = torch.zeros(batch, device=obs.device)
+    for t in range(settings.horizon):
+        action, log_prob, next_obs, reward, u, done = step_fn(
+            actor, model, state, heads[t], noise.action[t], noise.pick[t], noise.model[t], alpha, penalty
+        )
+        if t == 0:
+            pi0_log_prob, first_u = log_prob.detach(), u.detach()
+        discount = settings.gamma**t
+        unreliable = alive & (u >= threshold) if settings.adaptive else torch.zeros_like(alive)
+        # D1: a row stopped by u ends with the soft Q of its unreliable pair, no model step
+        stop_state = torch.where(unreliable.unsqueeze(-1), state, stop_state)
+        stop_action = torch.where(unreliable.unsqueeze(-1), action, stop_action)
+        stop_discounted_log_prob = torch.where(unreliable, discount * log_prob, stop_discounted_log_prob)
+        stop_discount = torch.where(unreliable, discount, stop_discount)
+        going = alive & ~unreliable
+        objective = objective + torch.where(going, discount * reward, zero)
+        terminal = going & done
+        stop_reason = torch.where(unreliable, STOP_THRESHOLD, torch.where(terminal, STOP_TERMINAL, stop_reason))
+        horizon = horizon + going.long()
+        alive = going & ~done
+        # ended rows keep their last state, cut from the graph: they only run along masked
+        state = torch.where(alive.unsqueeze(-1), next_obs, state.detach())
+    stopped = stop_reason == STOP_THRESHOLD
+    stop_q = critic(stop_state, stop_action).min(dim=0).values
+    objective = objective + torch.where(stopped, stop_discount * stop_q - alpha * stop_discounted_log_prob, zero)
+    objective = objective + torch.where(alive, _horizon_value(actor, critic, state, alpha, settings, noise.final_action), zero)
+    return objective, horizon, stop_reason, pi0_log_prob, first_u
+
+
+def _compacted_rollout(
+    step_fn: StepFn,
+    actor: SquashedGaussianHeads,
+    critic: TwinQ,
+    model: GaussianEnsemble,
+    obs: torch.Tensor,
+    alpha: torch.Tensor,
+    settings: ImprovementSettings,
+    threshold: torch.Tensor,
+    penalty: torch.Tensor,
+    noise: ImaginationNoise,
+) -> Rollout:
+    """As ``_masked_rollout``, but each step runs only the rows still alive (``rows`` holds
+    their indices in the batch); each row's terms are added back at its index."""
+    batch = obs.shape[0]
+    heads = actor.head_weights()
+    rows = torch.arange(batch, device=obs.device)
+    stop_reason = torch.full((batch,), STOP_HORIZON, dtype=torch.long, device=obs.device)
+    horizon = torch.zeros(batch, dtype=torch.long, device=obs.device)
+    terms: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, discounted reward terms), in step order
+    stops: list[tuple[torch.Tensor, ...]] = []  # (rows, s_t, a_t, gamma^t, log pi) where u crossed
+    state = obs
+    for t in range(settings.horizon):
+        if t > 0 and rows.numel() == 0:  # host sync: free on the CPU
+            break
+        action, log_prob, next_obs, reward, u, done = step_fn(
+            actor, model, state, heads[t], noise.action[t, rows], noise.pick[t, rows], noise.model[t, rows], alpha, penalty
+        )
+        if t == 0:
+            pi0_log_prob, first_u = log_prob.detach(), u.detach()
+        discount = settings.gamma**t
+        unreliable = u >= threshold if settings.adaptive else torch.zeros_like(done)
+        going = ~unreliable
+        crossed = unreliable.nonzero().squeeze(-1)
+        stop_log_prob = log_prob[crossed]
+        stops.append((rows[crossed], state[crossed], action[crossed], torch.full_like(stop_log_prob, discount), stop_log_prob))
+        kept = going.nonzero().squeeze(-1)
+        terms.append((rows[kept], discount * reward[kept]))
+        stop_reason[rows[crossed]] = STOP_THRESHOLD
+        stop_reason[rows[going & done]] = STOP_TERMINAL
+        horizon[rows[kept]] += 1
+        alive = (going & ~done).nonzero().squeeze(-1)
+        rows, state = rows[alive], next_obs[alive]
+    objective = torch.zeros(batch, device=obs.device)
+    objective = objective.index_add(0, torch.cat([r for r, _ in terms]), torch.cat([v for _, v in terms]))
+    stop_rows = torch.cat([s[0] for s in stops])
+    if stop_rows.numel():
+        stop_q = critic(torch.cat([s[1] for s in stops]), torch.cat([s[2] for s in stops])).min(dim=0).values
+        discount = torch.cat([s[3] for s in stops])
+        objective = objective.index_add(0, stop_rows, discount * stop_q - alpha * (discount * torch.cat([s[4] for s in stops])))
+    if rows.numel():
+        value = _horizon_value(actor, critic, state, alpha, settings, noise.final_action[rows])
+        objective = objective.index_add(0, rows, value)
+    return objective, horizon, stop_reason, pi0_log_prob, first_u
+
+
+def _horizon_value(
+    actor: SquashedGaussianHeads,
+    critic: TwinQ,
+    state: torch.Tensor,
+    alpha: torch.Tensor,
+    settings: ImprovementSettings,
+    final_noise: torch.Tensor,
+) -> torch.Tensor:
+    """gamma^H V(s_H), V(s) = min_j Q_j(s, a') - alpha log pi_0(a'|s) with pi_0's weights detached."""
+    final_action, final_log_prob = actor.sample(state, 0, detach_params=True, noise=final_noise)
+    value = critic(state, final_action).min(dim=0).values - alpha * final_log_prob
+    return settings.gamma**settings.horizon * value
