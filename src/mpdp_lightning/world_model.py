@@ -133,14 +133,28 @@ class GaussianEnsemble(nn.Module):
         target = self.target_norm.denormalize(mean[self.elites].mean(dim=0))
         return obs + target[..., : self.obs_dim], target[..., self.obs_dim]
 
-    def step(self, obs: torch.Tensor, action: torch.Tensor, generator: Optional[torch.Generator] = None) -> ModelStep:
+    def step(
+        self,
+        obs: torch.Tensor,
+        action: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        pick: Optional[torch.Tensor] = None,
+        noise: Optional[torch.Tensor] = None,
+    ) -> ModelStep:
         """Sample next obs and reward from one random elite per row (reparameterised), the
-        terminal flag from the task's rule, and u(obs, action) over all K members: one forward."""
+        terminal flag from the task's rule, and u(obs, action) over all K members: one forward.
+
+        ``pick`` [B] (which elite, 0 .. num_elites - 1) and ``noise`` [B, obs_dim + 1] (standard
+        normal) are the row's randomness, drawn here when None: given, the step is a
+        deterministic function of them, whatever else shares the batch.
+        """
         mean, logvar = self(obs, action)
         rows = torch.arange(obs.shape[0], device=obs.device)
-        pick = torch.randint(self.num_elites, (obs.shape[0],), device=obs.device, generator=generator)
+        if pick is None:
+            pick = torch.randint(self.num_elites, (obs.shape[0],), device=obs.device, generator=generator)
         member = self.elites[pick]
-        noise = torch.randn(mean.shape[1:], device=obs.device, dtype=mean.dtype, generator=generator)
+        if noise is None:
+            noise = torch.randn(mean.shape[1:], device=obs.device, dtype=mean.dtype, generator=generator)
         sample = mean[member, rows] + noise * (0.5 * logvar[member, rows]).exp()
         target = self.target_norm.denormalize(sample)
         next_obs, reward = obs + target[:, : self.obs_dim], target[:, self.obs_dim]
@@ -246,7 +260,7 @@ def fit_ensemble(
     members, whose disagreement is u, would agree more than the data warrants.
     Each member keeps the weights of its best holdout MSE within this fit (the best starts at
     infinity); training stops once no member improved by ``min_improvement`` (relative) for
-    ``patience`` epochs. The ``num_elites`` best members become the elites. ``step(loss)``
+    ``patience`` epochs (on CUDA read one epoch late, so no epoch waits on the host). The ``num_elites`` best members become the elites. ``step(loss)``
     performs the backward pass and the optimizer step.
     """
     n = inputs.shape[0]
@@ -264,9 +278,15 @@ def fit_ensemble(
     k = model.ensemble_size
     best = torch.full((k,), float("inf"), device=device)
     best_state = {name: p.detach().clone() for name, p in model.net.named_parameters()}
-    epochs_since_improvement, epoch = 0, 0
+    # Epochs since some member last improved, kept on the device. On CUDA the host reads it one
+    # epoch late, from a copy started when that epoch ended, so the device always has the next
+    # epoch queued and never waits for the host; the fit can then run one epoch past the stop
+    # (its weights are kept only where they improve on the best, as any epoch's are).
+    since_improvement = torch.zeros((), dtype=torch.long, device=device)
+    pending: Optional[tuple[torch.Tensor, torch.cuda.Event]] = None
+    epoch = 0
     boot = member_bootstraps(train.numel(), k, device, generator)
-    while epoch < max_epochs and epochs_since_improvement < patience:
+    while epoch < max_epochs:
         boot = boot.gather(1, torch.rand(boot.shape, device=device, generator=generator).argsort(dim=1))  # new order
         for start in range(0, train.numel(), batch_size):
             idx = boot[:, start : start + batch_size]
@@ -275,14 +295,26 @@ def fit_ensemble(
         epoch += 1
         mse, _ = holdout_errors(model, hold_in, hold_out)
         improved = mse < best * (1.0 - min_improvement)  # the first epoch improves on inf
-        if improved.any():
-            with torch.no_grad():
-                best = torch.where(improved, mse, best)
-                for name, p in model.net.named_parameters():
-                    best_state[name][improved] = p.detach()[improved]
-            epochs_since_improvement = 0
-        else:
-            epochs_since_improvement += 1
+        with torch.no_grad():
+            best = torch.where(improved, mse, best)
+            for name, p in model.net.named_parameters():
+                keep = improved.view(-1, *([1] * (p.dim() - 1)))
+                best_state[name].copy_(torch.where(keep, p.detach(), best_state[name]))
+            since_improvement = torch.where(improved.any(), 0, since_improvement + 1)
+        if device.type != "cuda":
+            if int(since_improvement) >= patience:  # free on the CPU
+                break
+            continue
+        if pending is not None:
+            copied, done = pending
+            done.synchronize()  # the epoch before's copy: long finished, the device is busy with this one
+            if int(copied) >= patience:
+                break
+        copied = torch.empty((), dtype=torch.long, pin_memory=True)
+        copied.copy_(since_improvement, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        pending = (copied, done)
     with torch.no_grad():
         for name, p in model.net.named_parameters():
             p.copy_(best_state[name])
