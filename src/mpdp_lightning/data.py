@@ -2,7 +2,7 @@
 
 A TorchRL ``ReplayBuffer`` over a ``LazyTensorStorage`` (uniform sampling with replacement)
 holds real transitions (obs, action, reward, next_obs, terminated). The storage lives on the
-trainer's device, so a sampled batch is already where the update runs. The EnvInteraction
+trainer's device, and batches are indexed there, so sampling never waits on the host. The EnvInteraction
 callback writes into it with ``add``; the training loop reads an endless stream of batches
 through an IterableDataset. Its contents travel with the checkpoint.
 
@@ -35,7 +35,12 @@ class PendingBatch:
     def draw(self) -> TensorDictBase:
         if len(self.buffer) == 0:
             raise RuntimeError("the replay buffer is empty: collect transitions before the first update")
-        return self.buffer.sample(self.batch_size)
+        # Uniform with replacement, as TorchRL's RandomSampler, but the indices are drawn on the
+        # storage's device: indices drawn on the host would be copied to a GPU with a blocking
+        # copy, a host sync in every update.
+        storage = self.buffer.storage
+        index = torch.randint(len(self.buffer), (self.batch_size,), device=storage.device)
+        return storage.get(index)
 
 
 def drawn(batch: Union[PendingBatch, TensorDictBase]) -> TensorDictBase:
