@@ -21,6 +21,12 @@ from mpdp_lightning.metrics import log_json_artifact
 from mpdp_lightning.model_based import ModelBasedSAC
 
 
+def compile_pays(device: torch.device) -> bool:
+    """Whether ``--model.compile`` defaults to on for ``device``: on CUDA, where eager MPDP is
+    bound by kernel launches. MEASURED_CPU_NOTE"""
+    return device.type == "cuda"
+
+
 class MPDP(ModelBasedSAC):
     """Model-based Planning Distilled to Policy (see ModelBasedSAC and SAC for the other arguments).
 
@@ -35,6 +41,13 @@ class MPDP(ModelBasedSAC):
         log_threshold: u_T of the "absolute" rule, in log space (the paper's -5).
         penalty_scale: "median" (u relative to its median on the real pairs, D7) or "none" (raw u).
         head_grad_clip: clip the heads' gradient norm to this value (D6); None: no clipping.
+        compile: run each imagined step through torch.compile (the same loss and gradients as
+            eager; the cold compile is cached on disk for later runs); None: where it pays (see
+            ``compile_pays``).
+        compact_rows: imagine only the rows still alive at each step, so rows that have stopped
+            cost nothing (the same loss and gradients as masking them); it reads how many are
+            left from the device every step, which is free on the CPU and a sync on CUDA. None:
+            on the CPU only.
     """
 
     def __init__(
@@ -49,6 +62,8 @@ class MPDP(ModelBasedSAC):
         log_threshold: float = -5.0,
         penalty_scale: PenaltyScale = "median",
         head_grad_clip: Optional[PositiveFloat] = None,
+        compile: Optional[bool] = None,
+        compact_rows: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(task, *args, **kwargs)
@@ -67,9 +82,12 @@ class MPDP(ModelBasedSAC):
 
     def improve_policy(self, batch: TensorDictBase) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Algorithm 1: one backward of the H-step objective into every head."""
+        device = batch["obs"].device
+        compact = self.hparams.compact_rows if self.hparams.compact_rows is not None else device.type == "cpu"
+        compiled = self.hparams.compile if self.hparams.compile is not None else compile_pays(device)
         result = extended_improvement(
             self.actor, self.critic, self.world_model, batch["obs"], batch["action"],
-            self.temperature.alpha, self.improvement, self.threshold_anchor,
+            self.temperature.alpha, self.improvement, self.threshold_anchor, compact=compact, compiled=compiled,
         )
         if self.improvement.threshold == "anchored":
             self.threshold_anchor.copy_(result.diagnostics["u_threshold"])  # on the device: no sync
