@@ -9,7 +9,7 @@ ARGS ?=
 RESUME ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install install-sweep train sweep compare test ui bench-model clean
+.PHONY: install install-sweep train sweep compare test ui bench bench-model clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,13 @@ compare: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Cost of one update phase by phase (SAC, MPDP quick and paper shapes; eager and compiled;
+# masked and compacted rows), FLOPs against a matmul of the same shapes, model-fit epochs at
+# 10k/50k/200k rows and the env steps per hour they imply for walker2d at the paper preset.
+# make bench [ARGS="--device cuda --out bench.json"]
+bench: install
+	$(PY) -m mpdp_lightning.benchmarks.update $(ARGS)
 
 # Cost of the world-model phase (ms per epoch, batched ensemble vs a per-member loop).
 bench-model: install
