@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -319,6 +320,12 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, before any work."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -336,10 +343,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
-        parser.error(f"unknown config {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+        fail(f"unknown config {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no GPU")
+        fail("--device cuda, but torch sees no GPU")
     fit_rows = [int(n) for n in args.fit_rows.split(",") if n]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
