@@ -35,6 +35,8 @@ def test_projection_adds_the_fits_to_the_updates():
     fit_ms = sum(2 * 0.1 * n for n in (250, 500, 750, 1000))
     assert abs(p["hours"] - (update_ms + fit_ms) / 3.6e6) < 1e-9
     assert abs(p["fit_share"] - fit_ms / (update_ms + fit_ms)) < 1e-9
+    one_fit_at_200k, between_fits = 2 * 0.1 * 200_000, 250 * 20 * 10.0
+    assert abs(p["fit_share_at_200k"] - one_fit_at_200k / (one_fit_at_200k + between_fits)) < 1e-9
 
 
 def test_unknown_config_is_one_line():

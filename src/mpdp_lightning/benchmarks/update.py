@@ -279,10 +279,21 @@ def walker2d_projection(update_ms: float, fit: dict[int, dict], run_steps: int, 
     ``train_every`` env steps on the buffer so far (epoch time interpolated linearly in rows)."""
     rows = sorted(fit)
     per_row = np.polyfit(rows, [fit[n]["epoch_ms"] for n in rows], 1) if len(rows) > 1 else [fit[rows[0]]["epoch_ms"] / rows[0], 0.0]
-    fit_ms = sum(epochs * max(float(np.polyval(per_row, n)), 0.0) for n in range(train_every, run_steps + 1, train_every))
+    def one_fit_ms(rows: int) -> float:
+        return epochs * max(float(np.polyval(per_row, rows)), 0.0)
+
+    fit_ms = sum(one_fit_ms(n) for n in range(train_every, run_steps + 1, train_every))
     update_total_ms = run_steps * updates_per_env_step * update_ms
     total_h = (fit_ms + update_total_ms) / 3.6e6
-    return {"env_steps_per_hour": run_steps / total_h, "hours": total_h, "fit_share": fit_ms / (fit_ms + update_total_ms)}
+    between_fits_ms = train_every * updates_per_env_step * update_ms
+    return {
+        "env_steps_per_hour": run_steps / total_h,
+        "hours": total_h,
+        "fit_share": fit_ms / (fit_ms + update_total_ms),
+        # the fit's share of the time between two fits, once the buffer holds 50k and 200k rows
+        "fit_share_at_50k": one_fit_ms(50_000) / (one_fit_ms(50_000) + between_fits_ms),
+        "fit_share_at_200k": one_fit_ms(200_000) / (one_fit_ms(200_000) + between_fits_ms),
+    }
 
 
 def format_report(report: dict) -> str:
@@ -316,6 +327,7 @@ def format_report(report: dict) -> str:
     for name, p in report.get("projection", {}).items():
         lines.append(f"- walker2d, paper preset, improvement {name}: {p['env_steps_per_hour']:.0f} env steps/h "
                      f"({p['hours']:.1f} h for {report['run_steps']} env steps; model fits {p['fit_share']:.0%} of it, "
+                     f"{p['fit_share_at_50k']:.0%} at 50k and {p['fit_share_at_200k']:.0%} at 200k env steps; "
                      f"{report['fit_epochs']} epochs per fit)")
     return "\n".join(lines)
 
