@@ -29,14 +29,14 @@ Two ways to run the same objective (equal loss and gradients, tested):
 All randomness (each head's action noise, the model's elite and sample noise per row and step)
 is drawn once up front (``ImaginationNoise``), so a row's rollout is the same in both, and the
 same in eager and compiled runs. ``imagine_step``, one step of one batch of rows, is what
-``torch.compile`` compiles: one graph serves every step and head, instead of an unrolled H-step
-graph whose cold compile grows with H.
+``torch.compile`` compiles: the same graphs serve every step and head (two: the first step's
+start states carry no gradient), where an unrolled H-step graph's cold compile grows with H.
 """
 
 from __future__ import annotations
 
-import math
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
