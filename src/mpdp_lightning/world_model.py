@@ -260,8 +260,9 @@ def fit_ensemble(
     members, whose disagreement is u, would agree more than the data warrants.
     Each member keeps the weights of its best holdout MSE within this fit (the best starts at
     infinity); training stops once no member improved by ``min_improvement`` (relative) for
-    ``patience`` epochs (on CUDA read one epoch late, so no epoch waits on the host). The ``num_elites`` best members become the elites. ``step(loss)``
-    performs the backward pass and the optimizer step.
+    ``patience`` epochs (on CUDA read one epoch late, so that no epoch waits on the host). The
+    ``num_elites`` best members become the elites. ``step(loss)`` performs the backward pass and
+    the optimizer step.
     """
     n = inputs.shape[0]
     device = inputs.device
