@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mpdp_lightning.benchmarks.common import random_transitions, timed
 from mpdp_lightning.improvement import ImaginationNoise, ImprovementSettings, extended_improvement
 from mpdp_lightning.policy import SquashedGaussianHeads, Temperature, TwinQ
 from mpdp_lightning.sac_losses import actor_loss, critic_loss, temperature_loss
-from mpdp_lightning.tasks import get_task, make_env, task_spaces
+from mpdp_lightning.tasks import get_task, task_spaces
 from mpdp_lightning.world_model import GaussianEnsemble, fit_ensemble, nll_loss
 
 ADAM = {"fused": True}
@@ -69,39 +70,10 @@ CONFIGS = {
 }
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` in ms, the device synchronised around each call."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
-
-
 def flops_of(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-def random_transitions(task: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(obs, action) inputs and (delta obs, reward) targets from ``n`` random-action env steps."""
-    env = make_env(task, seed=seed)
-    obs, _ = env.reset(seed=seed)
-    inputs, targets = [], []
-    for _ in range(n):
-        action = env.action_space.sample()
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        inputs.append(np.concatenate([obs, action]))
-        targets.append(np.concatenate([next_obs - obs, [reward]]))
-        obs = env.reset()[0] if terminated or truncated else next_obs
-    env.close()
-    return torch.as_tensor(np.stack(inputs), dtype=torch.float32), torch.as_tensor(np.stack(targets), dtype=torch.float32)
 
 
 def matmul_reference(shapes: Shapes, device: torch.device, repeats: int) -> dict[str, float]:

@@ -11,41 +11,13 @@ batched block against a Python loop over K separate ``nn.Sequential`` members, a
 from __future__ import annotations
 
 import argparse
-import time
 
-import numpy as np
 import torch
 from torch import nn
 
-from mpdp_lightning.tasks import get_task, make_env
+from mpdp_lightning.benchmarks.common import random_transitions, timed
+from mpdp_lightning.tasks import get_task
 from mpdp_lightning.world_model import GaussianEnsemble, nll_loss
-
-
-def hopper_transitions(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    env = make_env("hopper", seed=seed)
-    obs, _ = env.reset(seed=seed)
-    inputs, targets = [], []
-    for _ in range(n):
-        action = env.action_space.sample()
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        inputs.append(np.concatenate([obs, action]))
-        targets.append(np.concatenate([next_obs - obs, [reward]]))
-        obs = env.reset()[0] if terminated or truncated else next_obs
-    return torch.as_tensor(np.stack(inputs), dtype=torch.float32), torch.as_tensor(np.stack(targets), dtype=torch.float32)
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` in ms (synchronising the device around each call)."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
 
 
 def main() -> None:
@@ -57,7 +29,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    inputs, targets = hopper_transitions(args.transitions)
+    inputs, targets = random_transitions("hopper", args.transitions)
     inputs, targets = inputs.to(device), targets.to(device)
     model = GaussianEnsemble(11, 3, 7, 5, get_task("hopper").model_hidden, 4).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
