@@ -214,10 +214,10 @@ def extended_improvement(
     if noise is None:
         noise = ImaginationNoise.draw(settings.horizon, obs, actor.act_dim, model.num_elites)
     step_fn = compiled_imagine_step(dynamic=compact) if compiled else imagine_step
-    rollout = _compacted_rollout if compact else _masked_rollout
+    imagination = _Imagination(step_fn, actor, critic, model, alpha, settings, threshold, settings.beta / scale, noise)
     with frozen(model), frozen(critic):
-        objective, horizon, stop_reason, pi0_log_prob, first_u = rollout(
-            step_fn, actor, critic, model, obs, alpha, settings, threshold, settings.beta / scale, noise
+        objective, horizon, stop_reason, pi0_log_prob, first_u = (
+            imagination.compacted(obs) if compact else imagination.masked(obs)
         )
 
     log_u_real = u_real.clamp_min(1e-12).log()
@@ -244,126 +244,118 @@ def extended_improvement(
 Rollout = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _masked_rollout(
-    step_fn: StepFn,
-    actor: SquashedGaussianHeads,
-    critic: TwinQ,
-    model: GaussianEnsemble,
-    obs: torch.Tensor,
-    alpha: torch.Tensor,
-    settings: ImprovementSettings,
-    threshold: torch.Tensor,
-    penalty: torch.Tensor,
-    noise: ImaginationNoise,
-) -> Rollout:
-    """All rows through all H steps; returns (J per row, horizon, stop reason, log pi_0 at the
-    start states, u of the first step)."""
-    batch = obs.shape[0]
-    heads = actor.head_weights()
-    alive = torch.ones(batch, dtype=torch.bool, device=obs.device)
-    stop_reason = torch.full((batch,), STOP_HORIZON, dtype=torch.long, device=obs.device)
-    horizon = torch.zeros(batch, dtype=torch.long, device=obs.device)
-    objective = torch.zeros(batch, device=obs.device)
-    state = obs
-    zero = torch.zeros((), device=obs.device)
-    # The (s_t, a_t) where each row crossed the threshold, gathered over the steps, so that the
-    # critic runs once for all stopped rows after the loop instead of once per step.
-    stop_state, stop_action = torch.zeros_like(obs), obs.new_zeros(batch, actor.act_dim)
-    stop_discounted_log_prob = torch.zeros(batch, device=obs.device)
-    stop_discount = torch.zeros(batch, device=obs.device)
-    for t in range(settings.horizon):
-        action, log_prob, next_obs, reward, u, done = step_fn(
-            actor, model, state, heads[t], noise.action[t], noise.pick[t], noise.model[t], alpha, penalty
-        )
-        if t == 0:
-            pi0_log_prob, first_u = log_prob.detach(), u.detach()
-        discount = settings.gamma**t
-        unreliable = alive & (u >= threshold) if settings.adaptive else torch.zeros_like(alive)
-        # D1: a row stopped by u ends with the soft Q of its unreliable pair, no model step
-        stop_state = torch.where(unreliable.unsqueeze(-1), state, stop_state)
-        stop_action = torch.where(unreliable.unsqueeze(-1), action, stop_action)
-        stop_discounted_log_prob = torch.where(unreliable, discount * log_prob, stop_discounted_log_prob)
-        stop_discount = torch.where(unreliable, discount, stop_discount)
-        going = alive & ~unreliable
-        objective = objective + torch.where(going, discount * reward, zero)
-        terminal = going & done
-        stop_reason = torch.where(unreliable, STOP_THRESHOLD, torch.where(terminal, STOP_TERMINAL, stop_reason))
-        horizon = horizon + going.long()
-        alive = going & ~done
-        # ended rows keep their last state, cut from the graph: they only run along masked
-        state = torch.where(alive.unsqueeze(-1), next_obs, state.detach())
-    stopped = stop_reason == STOP_THRESHOLD
-    stop_q = critic(stop_state, stop_action).min(dim=0).values
-    objective = objective + torch.where(stopped, stop_discount * stop_q - alpha * stop_discounted_log_prob, zero)
-    objective = objective + torch.where(alive, _horizon_value(actor, critic, state, alpha, settings, noise.final_action), zero)
-    return objective, horizon, stop_reason, pi0_log_prob, first_u
+@dataclass
+class _Imagination:
+    """One improvement's rollouts from the batch's start states, run either way (masked or
+    compacted); both return (J per row, horizon, stop reason, log pi_0 at the start states, u of
+    the first step)."""
 
+    step_fn: StepFn
+    actor: SquashedGaussianHeads
+    critic: TwinQ
+    model: GaussianEnsemble
+    alpha: torch.Tensor
+    settings: ImprovementSettings
+    threshold: torch.Tensor
+    penalty: torch.Tensor  # beta / scale
+    noise: ImaginationNoise
 
-def _compacted_rollout(
-    step_fn: StepFn,
-    actor: SquashedGaussianHeads,
-    critic: TwinQ,
-    model: GaussianEnsemble,
-    obs: torch.Tensor,
-    alpha: torch.Tensor,
-    settings: ImprovementSettings,
-    threshold: torch.Tensor,
-    penalty: torch.Tensor,
-    noise: ImaginationNoise,
-) -> Rollout:
-    """As ``_masked_rollout``, but each step runs only the rows still alive (``rows`` holds
-    their indices in the batch); each row's terms are added back at its index."""
-    batch = obs.shape[0]
-    heads = actor.head_weights()
-    rows = torch.arange(batch, device=obs.device)
-    stop_reason = torch.full((batch,), STOP_HORIZON, dtype=torch.long, device=obs.device)
-    horizon = torch.zeros(batch, dtype=torch.long, device=obs.device)
-    terms: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, discounted reward terms), in step order
-    stops: list[tuple[torch.Tensor, ...]] = []  # (rows, s_t, a_t, gamma^t, log pi) where u crossed
-    state = obs
-    for t in range(settings.horizon):
-        if t > 0 and rows.numel() == 0:  # host sync: free on the CPU
-            break
-        action, log_prob, next_obs, reward, u, done = step_fn(
-            actor, model, state, heads[t], noise.action[t, rows], noise.pick[t, rows], noise.model[t, rows], alpha, penalty
-        )
-        if t == 0:
-            pi0_log_prob, first_u = log_prob.detach(), u.detach()
-        discount = settings.gamma**t
-        unreliable = u >= threshold if settings.adaptive else torch.zeros_like(done)
-        going = ~unreliable
-        crossed = unreliable.nonzero().squeeze(-1)
-        stop_log_prob = log_prob[crossed]
-        stops.append((rows[crossed], state[crossed], action[crossed], torch.full_like(stop_log_prob, discount), stop_log_prob))
-        kept = going.nonzero().squeeze(-1)
-        terms.append((rows[kept], discount * reward[kept]))
-        stop_reason[rows[crossed]] = STOP_THRESHOLD
-        stop_reason[rows[going & done]] = STOP_TERMINAL
-        horizon[rows[kept]] += 1
-        alive = (going & ~done).nonzero().squeeze(-1)
-        rows, state = rows[alive], next_obs[alive]
-    objective = torch.zeros(batch, device=obs.device)
-    objective = objective.index_add(0, torch.cat([r for r, _ in terms]), torch.cat([v for _, v in terms]))
-    stop_rows = torch.cat([s[0] for s in stops])
-    if stop_rows.numel():
-        stop_q = critic(torch.cat([s[1] for s in stops]), torch.cat([s[2] for s in stops])).min(dim=0).values
-        discount = torch.cat([s[3] for s in stops])
-        objective = objective.index_add(0, stop_rows, discount * stop_q - alpha * (discount * torch.cat([s[4] for s in stops])))
-    if rows.numel():
-        value = _horizon_value(actor, critic, state, alpha, settings, noise.final_action[rows])
-        objective = objective.index_add(0, rows, value)
-    return objective, horizon, stop_reason, pi0_log_prob, first_u
+    def masked(self, obs: torch.Tensor) -> Rollout:
+        """All rows through all H steps."""
+        step_fn, actor, critic, model, alpha = self.step_fn, self.actor, self.critic, self.model, self.alpha
+        settings, threshold, penalty, noise = self.settings, self.threshold, self.penalty, self.noise
+        batch = obs.shape[0]
+        heads = actor.head_weights()
+        alive = torch.ones(batch, dtype=torch.bool, device=obs.device)
+        stop_reason = torch.full((batch,), STOP_HORIZON, dtype=torch.long, device=obs.device)
+        horizon = torch.zeros(batch, dtype=torch.long, device=obs.device)
+        objective = torch.zeros(batch, device=obs.device)
+        state = obs
+        zero = torch.zeros((), device=obs.device)
+        # The (s_t, a_t) where each row crossed the threshold, gathered over the steps, so that the
+        # critic runs once for all stopped rows after the loop instead of once per step.
+        stop_state, stop_action = torch.zeros_like(obs), obs.new_zeros(batch, actor.act_dim)
+        stop_discounted_log_prob = torch.zeros(batch, device=obs.device)
+        stop_discount = torch.zeros(batch, device=obs.device)
+        for t in range(settings.horizon):
+            action, log_prob, next_obs, reward, u, done = step_fn(
+                actor, model, state, heads[t], noise.action[t], noise.pick[t], noise.model[t], alpha, penalty
+            )
+            if t == 0:
+                pi0_log_prob, first_u = log_prob.detach(), u.detach()
+            discount = settings.gamma**t
+            unreliable = alive & (u >= threshold) if settings.adaptive else torch.zeros_like(alive)
+            # D1: a row stopped by u ends with the soft Q of its unreliable pair, no model step
+            stop_state = torch.where(unreliable.unsqueeze(-1), state, stop_state)
+            stop_action = torch.where(unreliable.unsqueeze(-1), action, stop_action)
+            stop_discounted_log_prob = torch.where(unreliable, discount * log_prob, stop_discounted_log_prob)
+            stop_discount = torch.where(unreliable, discount, stop_discount)
+            going = alive & ~unreliable
+            objective = objective + torch.where(going, discount * reward, zero)
+            terminal = going & done
+            stop_reason = torch.where(unreliable, STOP_THRESHOLD, torch.where(terminal, STOP_TERMINAL, stop_reason))
+            horizon = horizon + going.long()
+            alive = going & ~done
+            # ended rows keep their last state, cut from the graph: they only run along masked
+            state = torch.where(alive.unsqueeze(-1), next_obs, state.detach())
+        stopped = stop_reason == STOP_THRESHOLD
+        stop_q = critic(stop_state, stop_action).min(dim=0).values
+        objective = objective + torch.where(stopped, stop_discount * stop_q - alpha * stop_discounted_log_prob, zero)
+        objective = objective + torch.where(alive, self.horizon_value(state, noise.final_action), zero)
+        return objective, horizon, stop_reason, pi0_log_prob, first_u
 
+    def compacted(self, obs: torch.Tensor) -> Rollout:
+        """As ``masked``, but each step runs only the rows still alive (``rows`` holds their
+        indices in the batch); each row's terms are added back at its index."""
+        step_fn, actor, critic, model, alpha = self.step_fn, self.actor, self.critic, self.model, self.alpha
+        settings, threshold, penalty, noise = self.settings, self.threshold, self.penalty, self.noise
+        batch = obs.shape[0]
+        heads = actor.head_weights()
+        rows = torch.arange(batch, device=obs.device)
+        stop_reason = torch.full((batch,), STOP_HORIZON, dtype=torch.long, device=obs.device)
+        horizon = torch.zeros(batch, dtype=torch.long, device=obs.device)
+        terms: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, discounted reward terms), in step order
+        stops: list[tuple[torch.Tensor, ...]] = []  # (rows, s_t, a_t, gamma^t, log pi) where u crossed
+        state = obs
+        for t in range(settings.horizon):
+            if t > 0 and rows.numel() == 0:  # host sync: free on the CPU
+                break
+            action, log_prob, next_obs, reward, u, done = step_fn(
+                actor, model, state, heads[t], noise.action[t, rows], noise.pick[t, rows], noise.model[t, rows],
+                alpha, penalty,
+            )
+            if t == 0:
+                pi0_log_prob, first_u = log_prob.detach(), u.detach()
+            discount = settings.gamma**t
+            unreliable = u >= threshold if settings.adaptive else torch.zeros_like(done)
+            going = ~unreliable
+            crossed = unreliable.nonzero().squeeze(-1)
+            stop_log_prob = log_prob[crossed]
+            stops.append(
+                (rows[crossed], state[crossed], action[crossed], torch.full_like(stop_log_prob, discount), stop_log_prob)
+            )
+            kept = going.nonzero().squeeze(-1)
+            terms.append((rows[kept], discount * reward[kept]))
+            stop_reason[rows[crossed]] = STOP_THRESHOLD
+            stop_reason[rows[going & done]] = STOP_TERMINAL
+            horizon[rows[kept]] += 1
+            alive = (going & ~done).nonzero().squeeze(-1)
+            rows, state = rows[alive], next_obs[alive]
+        objective = torch.zeros(batch, device=obs.device)
+        objective = objective.index_add(0, torch.cat([r for r, _ in terms]), torch.cat([v for _, v in terms]))
+        stop_rows = torch.cat([s[0] for s in stops])
+        if stop_rows.numel():
+            stop_q = critic(torch.cat([s[1] for s in stops]), torch.cat([s[2] for s in stops])).min(dim=0).values
+            discount = torch.cat([s[3] for s in stops])
+            stop_log_prob = torch.cat([s[4] for s in stops])
+            objective = objective.index_add(0, stop_rows, discount * stop_q - alpha * (discount * stop_log_prob))
+        if rows.numel():
+            value = self.horizon_value(state, noise.final_action[rows])
+            objective = objective.index_add(0, rows, value)
+        return objective, horizon, stop_reason, pi0_log_prob, first_u
 
-def _horizon_value(
-    actor: SquashedGaussianHeads,
-    critic: TwinQ,
-    state: torch.Tensor,
-    alpha: torch.Tensor,
-    settings: ImprovementSettings,
-    final_noise: torch.Tensor,
-) -> torch.Tensor:
-    """gamma^H V(s_H), V(s) = min_j Q_j(s, a') - alpha log pi_0(a'|s) with pi_0's weights detached."""
-    final_action, final_log_prob = actor.sample(state, 0, detach_params=True, noise=final_noise)
-    value = critic(state, final_action).min(dim=0).values - alpha * final_log_prob
-    return settings.gamma**settings.horizon * value
+    def horizon_value(self, state: torch.Tensor, final_noise: torch.Tensor) -> torch.Tensor:
+        """gamma^H V(s_H), V(s) = min_j Q_j(s, a') - alpha log pi_0(a'|s), pi_0's weights detached."""
+        final_action, final_log_prob = self.actor.sample(state, 0, detach_params=True, noise=final_noise)
+        value = self.critic(state, final_action).min(dim=0).values - self.alpha * final_log_prob
+        return self.settings.gamma**self.settings.horizon * value
