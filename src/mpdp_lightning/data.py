@@ -2,9 +2,9 @@
 
 A TorchRL ``ReplayBuffer`` over a ``LazyTensorStorage`` (uniform sampling with replacement)
 holds real transitions (obs, action, reward, next_obs, terminated). The storage lives on the
-trainer's device, and batches are indexed there, so sampling never waits on the host. The EnvInteraction
-callback writes into it with ``add``; the training loop reads an endless stream of batches
-through an IterableDataset. Its contents travel with the checkpoint.
+trainer's device and batches are indexed there, so sampling never waits on the host. The
+EnvInteraction callback writes into it with ``add``; the training loop reads an endless stream
+of batches through an IterableDataset. Its contents travel with the checkpoint.
 
 The stream yields ``PendingBatch``es, drawn only when the update asks (``draw``), not when
 Lightning fetches them: Lightning fetches the next batch before the current update has run
