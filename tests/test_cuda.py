@@ -26,6 +26,8 @@ def test_updates_never_synchronise_with_the_host(in_tmp, monkeypatch, algo):
     updates = []
 
     def strict_update(self, batch, batch_idx):
+        if self.updates < 2:  # warm-up: the compiled improvement's first calls compile (and autotune)
+            return update(self, batch, batch_idx)
         torch.cuda.set_sync_debug_mode("error")
         try:
             update(self, batch, batch_idx)
@@ -35,5 +37,5 @@ def test_updates_never_synchronise_with_the_host(in_tmp, monkeypatch, algo):
 
     monkeypatch.setattr(SAC, "training_step", strict_update)
     extra = TINY if algo == "mpdp" else ()
-    main(fit_args("hopper", 150, "--trainer.accelerator", "gpu", "--trainer.devices", "1", *extra, algo=algo))
-    assert len(updates) >= 50
+    main(fit_args("hopper", 200, "--trainer.accelerator", "gpu", "--trainer.devices", "1", *extra, algo=algo))
+    assert len(updates) >= 90  # strict updates (100 env steps after the warm-up)

@@ -300,9 +300,14 @@ def test_compacted_rows_give_the_masked_loss_gradients_and_stops():
 @pytest.mark.parametrize("compact", [False, True], ids=["masked", "compacted"])
 def test_compiled_steps_give_the_eager_loss_and_gradients(compact):
     # torch.compile of the per-step function (a cold compile of a few seconds per variant)
+    from torch._dynamo.utils import counters
+
     setup = _parity_setup()
     eager, eager_grads = _loss_and_grads(*setup, compact=compact)
+    torch._dynamo.reset()
+    counters.clear()
     compiled, compiled_grads = _loss_and_grads(*setup, compact=compact, compiled=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # it ran compiled (fullgraph: no silent eager fallback)
     torch.testing.assert_close(compiled.loss, eager.loss, atol=1e-5, rtol=1e-5)
     for got, want in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

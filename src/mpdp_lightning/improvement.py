@@ -19,18 +19,22 @@ A row ends (D1):
 The loss is -mean(J); one backward reaches every head that some row used. The model's and the
 critics' weights are frozen (gradients flow through them to the actions, never into them).
 
-Two ways to run the same objective (equal loss and gradients, tested):
+Two ways to run the same objective (the same loss and gradients up to rounding, tested):
 - masked: every row runs all H steps as one batch, with no host synchronisation to ask whether
   rows are still alive (what a CUDA graph needs); ended rows are masked with ``torch.where``,
   which passes them exactly zero gradient, and they keep their last state detached so that
   nothing they compute can reach the loss;
-- compacted: after each step only the live rows go on (an index_select), so rows that have
-  stopped cost nothing; it asks the host how many rows are left, which is free on the CPU.
+- compacted: after each step only the live rows go on (indexed out with ``nonzero``), so rows
+  that have stopped cost nothing; finding them reads the device a few times per step, which is
+  free on the CPU and a synchronisation on CUDA.
 All randomness (each head's action noise, the model's elite and sample noise per row and step)
 is drawn once up front (``ImaginationNoise``), so a row's rollout is the same in both, and the
-same in eager and compiled runs. ``imagine_step``, one step of one batch of rows, is what
-``torch.compile`` compiles: the same graphs serve every step and head (two: the first step's
-start states carry no gradient), where an unrolled H-step graph's cold compile grows with H.
+same in eager and compiled runs. Only rounding differs (matmuls over other row counts, fused
+kernels), so a row whose u lies within rounding of u_T could stop a step apart.
+``imagine_step``, one step of one batch of rows, is what ``torch.compile`` compiles, whole
+(``fullgraph``): the same graphs serve every step and head (two, as the first step's start
+states carry no gradient; compacted, a step with a single live row adds one), where an
+unrolled H-step graph's cold compile grows with H.
 """
 
 from __future__ import annotations
@@ -182,7 +186,7 @@ StepFn = Callable[..., tuple[torch.Tensor, ...]]
 def compiled_imagine_step(dynamic: bool) -> StepFn:
     """``imagine_step`` under torch.compile, built once per process (Inductor also caches its
     kernels on disk between runs). ``dynamic``: the batch size varies (compacted rows)."""
-    return torch.compile(imagine_step, dynamic=dynamic)
+    return torch.compile(imagine_step, dynamic=dynamic, fullgraph=True)
 
 
 def extended_improvement(
@@ -318,7 +322,7 @@ class _Imagination:
         stops: list[tuple[torch.Tensor, ...]] = []  # (rows, s_t, a_t, gamma^t, log pi) where u crossed
         state = obs
         for t in range(settings.horizon):
-            if t > 0 and rows.numel() == 0:  # host sync: free on the CPU
+            if t > 0 and rows.numel() == 0:
                 break
             action, log_prob, next_obs, reward, u, done = step_fn(
                 actor, model, state, heads[t], noise.action[t, rows], noise.pick[t, rows], noise.model[t, rows],

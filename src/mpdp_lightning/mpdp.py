@@ -44,12 +44,12 @@ class MPDP(ModelBasedSAC):
         penalty_scale: "median" (u relative to its median on the real pairs, D7) or "none" (raw u).
         head_grad_clip: clip the heads' gradient norm to this value (D6); None: no clipping.
         compile: run each imagined step through torch.compile (the same loss and gradients as
-            eager; the cold compile is cached on disk for later runs); None: where it pays (see
-            ``compile_pays``).
+            eager up to rounding; the cold compile is cached on disk for later runs); None:
+            where it pays (see ``compile_pays``).
         compact_rows: imagine only the rows still alive at each step, so rows that have stopped
-            cost nothing (the same loss and gradients as masking them); it reads how many are
-            left from the device every step, which is free on the CPU and a sync on CUDA. None:
-            on the CPU only.
+            cost nothing (the same loss and gradients as masking them, up to rounding); finding
+            them reads the device a few times per step, free on the CPU and a synchronisation
+            on CUDA. None: on the CPU only.
     """
 
     def __init__(

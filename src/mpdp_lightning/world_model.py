@@ -284,7 +284,8 @@ def fit_ensemble(
     # epoch queued and never waits for the host; the fit can then run one epoch past the stop
     # (its weights are kept only where they improve on the best, as any epoch's are).
     since_improvement = torch.zeros((), dtype=torch.long, device=device)
-    pending: Optional[tuple[torch.Tensor, torch.cuda.Event]] = None
+    pending: Optional[torch.cuda.Event] = None  # the copy into ``copied`` of the epoch before
+    copied = torch.empty((), dtype=torch.long, pin_memory=device.type == "cuda")
     epoch = 0
     boot = member_bootstraps(train.numel(), k, device, generator)
     while epoch < max_epochs:
@@ -307,15 +308,12 @@ def fit_ensemble(
                 break
             continue
         if pending is not None:
-            copied, done = pending
-            done.synchronize()  # the epoch before's copy: long finished, the device is busy with this one
+            pending.synchronize()  # the epoch before's copy: long finished, the device is busy with this one
             if int(copied) >= patience:
                 break
-        copied = torch.empty((), dtype=torch.long, pin_memory=True)
         copied.copy_(since_improvement, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        pending = (copied, done)
+        pending = torch.cuda.Event()
+        pending.record(torch.cuda.current_stream(device))  # the stream the copy was queued on
     with torch.no_grad():
         for name, p in model.net.named_parameters():
             p.copy_(best_state[name])
