@@ -297,6 +297,18 @@ def test_compacted_rows_give_the_masked_loss_gradients_and_stops():
         torch.testing.assert_close(compacted.diagnostics[name], value, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_compacted_rows_match_masked_when_every_row_stops_at_its_first_step():
+    # no row survives the first step: the compacted loop ends early and J is SAC's actor term
+    actor, critic, model, obs, real_action, _, noise = _parity_setup()
+    settings = ImprovementSettings(horizon=4, threshold="absolute", log_threshold=-math.inf)
+    masked, masked_grads = _loss_and_grads(actor, critic, model, obs, real_action, settings, noise, compact=False)
+    compacted, compacted_grads = _loss_and_grads(actor, critic, model, obs, real_action, settings, noise, compact=True)
+    assert (compacted.horizon == 0).all() and (compacted.stop_reason == STOP_THRESHOLD).all()
+    torch.testing.assert_close(compacted.loss, masked.loss, atol=1e-5, rtol=1e-5)
+    for got, want in zip(compacted_grads, masked_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("compact", [False, True], ids=["masked", "compacted"])
 def test_compiled_steps_give_the_eager_loss_and_gradients(compact):
     # torch.compile of the per-step function (a cold compile of a few seconds per variant)
