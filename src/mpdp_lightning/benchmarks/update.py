@@ -172,7 +172,7 @@ class UpdateBench:
         self.alpha_opt.step()
 
 
-def improvement_modes(device: torch.device, compile_modes: bool) -> list[tuple[str, bool, bool]]:
+def improvement_modes(compile_modes: bool) -> list[tuple[str, bool, bool]]:
     """(label, compact, compiled): masked and compacted rows, eager and (if asked) compiled."""
     modes = [("eager masked", False, False), ("eager compacted", True, False)]
     if compile_modes:
@@ -205,7 +205,7 @@ def bench_config(shapes: Shapes, device: torch.device, repeats: int, compile_mod
         record("improvement", bench.policy_phase)
     else:
         start = bench.snapshot()
-        for label, compact, compiled in improvement_modes(device, compile_modes):
+        for label, compact, compiled in improvement_modes(compile_modes):
             bench.restore(start)  # every mode from the same weights: the same rows stop
             entry = record(f"improvement, {label}", lambda c=compact, k=compiled: bench.policy_phase(c, k),
                            lambda c=compact: bench.policy_phase(c, False))
