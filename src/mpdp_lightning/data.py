@@ -35,17 +35,29 @@ class PendingBatch:
     def draw(self) -> TensorDictBase:
         if len(self.buffer) == 0:
             raise RuntimeError("the replay buffer is empty: collect transitions before the first update")
-        # Uniform with replacement, as TorchRL's RandomSampler, but the indices are drawn on the
-        # storage's device: indices drawn on the host would be copied to a GPU with a blocking
-        # copy, a host sync in every update.
-        storage = self.buffer.storage
-        index = torch.randint(len(self.buffer), (self.batch_size,), device=storage.device)
-        return storage.get(index)
+        return uniform_sample(self.buffer, self.batch_size)
 
 
 def drawn(batch: Union[PendingBatch, TensorDictBase]) -> TensorDictBase:
     """The transitions of ``batch``: drawn now if it is pending, as given otherwise."""
     return batch.draw() if isinstance(batch, PendingBatch) else batch
+
+
+def uniform_sample(buffer: ReplayBuffer, batch_size: int) -> TensorDictBase:
+    """``batch_size`` stored items drawn uniformly with replacement, as TorchRL's RandomSampler,
+    but with the indices drawn on the storage's device: indices drawn on the host would be copied
+    to a GPU with a blocking copy, a host sync in every update."""
+    storage = buffer.storage
+    return storage.get(torch.randint(len(buffer), (batch_size,), device=storage.device))
+
+
+def newest(buffer: ReplayBuffer, n: int) -> TensorDictBase:
+    """The ``n`` most recently written items of ``buffer`` (a circular storage), oldest first (a copy)."""
+    size = len(buffer)
+    n = min(n, size)
+    cursor = buffer.writer.state_dict()["_cursor"]
+    index = (cursor - n + torch.arange(n)) % max(size, 1)
+    return buffer.storage.get(index).clone()
 
 
 class ReplaySampleStream(IterableDataset):
@@ -108,11 +120,7 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def latest(self, n: int) -> TensorDictBase:
         """The ``n`` most recently written transitions, oldest first (a copy)."""
-        size = len(self.buffer)
-        n = min(n, size)
-        cursor = self.buffer.writer.state_dict()["_cursor"]
-        index = (cursor - n + torch.arange(n)) % max(size, 1)
-        return self.buffer.storage.get(index).clone()
+        return newest(self.buffer, n)
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: each item already is a batch; the identity collate keeps the TensorDict.
