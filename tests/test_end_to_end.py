@@ -280,3 +280,49 @@ def test_mpdp_trains_under_bf16_mixed_precision_with_the_model_and_critics_in_fp
     assert dtypes == {torch.float32, True}, dtypes  # inside autocast, and still fp32
     run = _only_run(MlflowClient(tracking_uri()))
     assert run.info.status == "FINISHED" and run.data.params["trainer.precision"] == "bf16-mixed"
+
+
+def test_mbpo_trains_on_its_rollouts_and_logs_them(in_tmp, monkeypatch):
+    # a short MBPO run: the model is fitted every 100 env steps, each fit branches 2 rollouts per
+    # env step from real states, and SAC's batches are half real, half model
+    from mpdp_lightning.mbpo import MBPO
+
+    drawn_batches = []
+    draw = MBPO.draw_batch
+
+    def recording_draw(self, batch):
+        result = draw(self, batch)
+        drawn_batches.append((result.batch_size[0], len(self.model_replay) if self.model_replay else 0))
+        return result
+
+    monkeypatch.setattr(MBPO, "draw_batch", recording_draw)
+    main(fit_args(
+        "hopper", 300, "--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL, "--model.model_max_epochs", "2",
+        "--model.rollouts_per_env_step", "2", "--model.real_ratio", "0.5", "--model.rollout_schedule", "[0, 1, 1, 3]",
+        algo="mbpo",
+    ))
+    run = _only_run(MlflowClient(tracking_uri()))
+    assert run.info.status == "FINISHED" and run.data.tags["algo"] == "MBPO"
+    client = MlflowClient(tracking_uri())
+    lengths = client.get_metric_history(run.info.run_id, "mbpo/rollout_length")
+    # a fit, then rollouts, at the first update (after 100 warm-up steps) and every 100 env steps;
+    # epoch 0 of the schedule: length 1, so each fit adds one transition per start state
+    assert [(m.step, m.value) for m in lengths] == [(101, 1.0), (200, 1.0), (300, 1.0)]
+    sizes = [m.value for m in client.get_metric_history(run.info.run_id, "mbpo/model_buffer_size")]
+    assert sizes == [200.0, 400.0, 600.0]  # 2 rollouts x 100 env steps per fit, kept for an epoch (10 fits)
+    assert all(size == 32 for size, _ in drawn_batches)  # the batch size, real and model together
+    assert drawn_batches[0][1] == 200 and drawn_batches[-1][1] == 600
+
+
+def test_a_resumed_mbpo_run_branches_its_rollouts_again_before_its_first_update(in_tmp):
+    # the model replay is not in the checkpoint: the resumed run branches new rollouts from the
+    # restored model at its first update, not only at the next fit
+    args = ("--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL, "--model.model_max_epochs", "2",
+            "--model.rollouts_per_env_step", "2")
+    main(fit_args("hopper", 150, *args, algo="mbpo"))
+    (folder,) = (in_tmp / "runs/checkpoints").iterdir()
+    main(fit_args("hopper", 250, *args, "--ckpt_path", str(folder / "last.ckpt"), algo="mbpo"))
+    client = MlflowClient(tracking_uri())
+    run_id = _only_run(client).info.run_id
+    assert _steps(client, run_id, "mbpo/rollout_length") == [101, 151, 200]
+    assert _steps(client, run_id, "model/holdout_mse") == [101, 200]  # the model itself was not refitted at 151

@@ -184,8 +184,12 @@ class SAC(pl.LightningModule):
             metrics["train/alpha_loss"] = loss.detach()
         return metrics
 
+    def draw_batch(self, batch: Union[PendingBatch, TensorDictBase]) -> TensorDictBase:
+        """The update's transitions (MBPO mixes in model rollouts here)."""
+        return drawn(batch)
+
     def training_step(self, batch: Union[PendingBatch, TensorDictBase], batch_idx: int) -> None:
-        batch = drawn(batch)  # sampled now: after this update's env step and model fit
+        batch = self.draw_batch(batch)  # sampled now: after this update's env step and model fit
         with self.timer.phase("critic"):
             metrics = self.update_critic(batch)
         with self.timer.phase("policy"):
