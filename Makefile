@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-# make train TASK=hopper [ALGO=mpdp|sac] [PRESET=auto|quick|paper] ARGS="--model.beta 0.7"
+# make train TASK=hopper [ALGO=mpdp|sac|mbpo] [PRESET=auto|quick|paper] ARGS="--model.beta 0.7"
 #            [RESUME=runs/checkpoints/<run>/last.ckpt]
 # MPDP runs the paper preset where torch sees a GPU and the quick preset on a CPU-only machine.
 train: install
