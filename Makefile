@@ -46,11 +46,11 @@ $(VENV)/.installed-sweep: $(VENV)/.installed
 # grid value is a Ray Tune trial running the same training as make train; run it again to resume.
 SWEEP ?= conf/sweep/ip-sac-vs-mpdp.yaml
 sweep: install-sweep
-	$(PY) -m mpdp_lightning.sweep $(SWEEP) $(ARGS)
+	$(PY) -m mpdp_lightning.experiments.sweep $(SWEEP) $(ARGS)
 
 # make compare ARGS="--experiment ip-sac-vs-mpdp --sweep ip-sac-vs-mpdp --threshold 900 --out figures"
 compare: install
-	$(PY) -m mpdp_lightning.compare $(ARGS)
+	$(PY) -m mpdp_lightning.experiments.compare $(ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

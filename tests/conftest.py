@@ -6,7 +6,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import seed_store  # noqa: E402
-from mpdp_lightning.compare import load_comparison  # noqa: E402
+from mpdp_lightning.experiments.compare import load_comparison  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mpdp_lightning.branched_rollouts import RolloutSchedule, branched_rollouts
-from mpdp_lightning.world_model import GaussianEnsemble
+from mpdp_lightning.planners.branched_rollouts import RolloutSchedule, branched_rollouts
+from mpdp_lightning.models.world_model import GaussianEnsemble
 
 OBS, ACT = 3, 2
 

@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 
 from helpers import ROOT
-from mpdp_lightning.compare import latest_attempt, load_curves, main, summarize
+from mpdp_lightning.experiments.compare import latest_attempt, load_curves, main, summarize
 
 T0 = 1_700_000_000_000  # ms, a timestamp MLflow would have stamped
 

@@ -8,7 +8,7 @@ import torch
 
 from helpers import fit_args
 from mpdp_lightning.cli import main
-from mpdp_lightning.sac import SAC
+from mpdp_lightning.algorithms.sac import SAC
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -3,7 +3,7 @@
 import torch
 from tensordict import TensorDict
 
-from mpdp_lightning.data import ReplayDataModule
+from mpdp_lightning.training.data import ReplayDataModule
 
 
 def _transition(i):

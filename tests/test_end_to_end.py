@@ -14,9 +14,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from helpers import fit_args, tracking_uri
-from mpdp_lightning.checkpoint_io import read_checkpoint_header
+from mpdp_lightning.training.checkpoint_io import read_checkpoint_header
 from mpdp_lightning.cli import main
-from mpdp_lightning.data import PendingBatch
+from mpdp_lightning.training.data import PendingBatch
 
 
 # A world model small enough for a few seconds of CPU, refitted every 100 env steps
@@ -184,7 +184,7 @@ def test_a_kill_while_writing_a_checkpoint_leaves_no_temporary_file(in_tmp):
 def test_world_model_phase_runs_in_training_and_is_checkpointed(in_tmp):
     main(fit_args(
         "hopper", 300,
-        "--model", "mpdp_lightning.model_based.ModelBasedSAC",
+        "--model", "mpdp_lightning.algorithms.model_based.ModelBasedSAC",
         *TINY_WORLD_MODEL, "--model.model_max_epochs", "5",
     ))
     client = MlflowClient(tracking_uri())
@@ -262,7 +262,7 @@ def test_the_anchored_threshold_holds_from_the_first_update_and_travels_with_the
 
 def test_mpdp_trains_under_bf16_mixed_precision_with_the_model_and_critics_in_fp32(in_tmp, monkeypatch):
     # Lightning's bf16-mixed autocasts the update; the model's outputs, u and Q must stay fp32.
-    from mpdp_lightning.world_model import GaussianEnsemble
+    from mpdp_lightning.models.world_model import GaussianEnsemble
 
     dtypes = set()
     step = GaussianEnsemble.step
@@ -285,7 +285,7 @@ def test_mpdp_trains_under_bf16_mixed_precision_with_the_model_and_critics_in_fp
 def test_mbpo_trains_on_its_rollouts_and_logs_them(in_tmp, monkeypatch):
     # a short MBPO run: the model is fitted every 100 env steps, each fit branches 2 rollouts per
     # env step from real states, and SAC's batches are half real, half model
-    from mpdp_lightning.mbpo import MBPO
+    from mpdp_lightning.algorithms.mbpo import MBPO
 
     drawn_batches = []
     draw = MBPO.draw_batch

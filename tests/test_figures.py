@@ -9,9 +9,9 @@ import pytest
 from matplotlib.collections import PolyCollection
 from mlflow.tracking import MlflowClient
 
-from mpdp_lightning import figures
-from mpdp_lightning.compare import load_comparison, main
-from mpdp_lightning.summary_run import log_to_mlflow
+from mpdp_lightning.experiments import figures
+from mpdp_lightning.experiments.compare import load_comparison, main
+from mpdp_lightning.experiments.summary_run import log_to_mlflow
 
 
 @pytest.fixture(scope="module")

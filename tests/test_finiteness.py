@@ -2,8 +2,8 @@
 
 import torch
 
-from mpdp_lightning.finiteness import NonFiniteGuard, non_finite_parameters
-from mpdp_lightning.policy import TwinQ
+from mpdp_lightning.training.finiteness import NonFiniteGuard, non_finite_parameters
+from mpdp_lightning.models.policy import TwinQ
 
 PHASES = ("model", "critic", "actor", "temperature")
 NAN, INF = float("nan"), float("inf")

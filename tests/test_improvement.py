@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpdp_lightning.improvement import (
+from mpdp_lightning.objectives.h_step_improvement import (
     STOP_HORIZON,
     STOP_TERMINAL,
     STOP_THRESHOLD,
@@ -14,9 +14,9 @@ from mpdp_lightning.improvement import (
     ImprovementSettings,
     extended_improvement,
 )
-from mpdp_lightning.policy import SquashedGaussianHeads, TwinQ
-from mpdp_lightning.sac_losses import actor_loss
-from mpdp_lightning.world_model import GaussianEnsemble, ModelStep, nll_loss, ovr_uncertainty
+from mpdp_lightning.models.policy import SquashedGaussianHeads, TwinQ
+from mpdp_lightning.objectives.sac_losses import actor_loss
+from mpdp_lightning.models.world_model import GaussianEnsemble, ModelStep, nll_loss, ovr_uncertainty
 
 OBS, ACT, B, H = 3, 2, 6, 5
 

@@ -5,9 +5,9 @@ import torch
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, ReplayBuffer
 
-from mpdp_lightning.data import PendingBatch
-from mpdp_lightning.mbpo import MBPO
-from mpdp_lightning.model_replay import ModelReplay
+from mpdp_lightning.training.data import PendingBatch
+from mpdp_lightning.algorithms.mbpo import MBPO
+from mpdp_lightning.training.model_replay import ModelReplay
 
 
 def _transitions(n, reward, obs_dim=11, act_dim=3):

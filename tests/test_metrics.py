@@ -2,7 +2,7 @@
 
 import torch
 
-from mpdp_lightning.metrics import MetricAccumulator
+from mpdp_lightning.training.metrics import MetricAccumulator
 
 
 def test_means_since_the_last_pop():

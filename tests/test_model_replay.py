@@ -4,7 +4,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from mpdp_lightning.model_replay import ModelReplay, split_batch
+from mpdp_lightning.training.model_replay import ModelReplay, split_batch
 
 
 def _transitions(start, n, obs=2):

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from mpdp_lightning.nets import BatchedMLP
+from mpdp_lightning.models.nets import BatchedMLP
 
 
 def _member_as_sequential(mlp: BatchedMLP, m: int) -> nn.Sequential:

@@ -7,9 +7,9 @@ import torch
 from tensordict import TensorDict
 from torch.distributions import AffineTransform, Normal, TanhTransform, TransformedDistribution
 
-from mpdp_lightning.policy import SquashedGaussianHeads, Temperature, TwinQ
-from mpdp_lightning.sac import SAC
-from mpdp_lightning.sac_losses import actor_loss, critic_loss, temperature_loss
+from mpdp_lightning.models.policy import SquashedGaussianHeads, Temperature, TwinQ
+from mpdp_lightning.algorithms.sac import SAC
+from mpdp_lightning.objectives.sac_losses import actor_loss, critic_loss, temperature_loss
 
 OBS, ACT, B = 4, 1, 16  # inverted_pendulum's sizes
 

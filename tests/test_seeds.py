@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mpdp_lightning import seeds
-from mpdp_lightning.compare import load_comparison, load_curves, load_runs, main
+from mpdp_lightning.experiments import seeds
+from mpdp_lightning.experiments.compare import load_comparison, load_curves, load_runs, main
 
 
 def _row(table: pd.DataFrame, algo: str, beta=None) -> pd.Series:

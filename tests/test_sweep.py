@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from helpers import ROOT
 from mpdp_lightning.errors import MPDPError
-from mpdp_lightning.sweep import Place, Sweep, Trial, plan, trial_argv
+from mpdp_lightning.experiments.sweep import Place, Sweep, Trial, plan, trial_argv
 
 TINY_RUN = ["--env_interaction.total_env_steps", "300", "--env_interaction.warmup_steps", "100",
             "--evaluation.eval_every", "100", "--evaluation.eval_episodes", "1", "--checkpoint.checkpoint_every", "100",
@@ -37,7 +37,7 @@ def _place(folder: Path) -> Place:
 def _run_sweep(folder: Path, sweep_file: Path, compare: bool = False) -> subprocess.CompletedProcess:
     place = _place(folder)
     return subprocess.run(
-        [sys.executable, "-m", "mpdp_lightning.sweep", str(sweep_file), "--conf", str(place.conf_dir),
+        [sys.executable, "-m", "mpdp_lightning.experiments.sweep", str(sweep_file), "--conf", str(place.conf_dir),
          "--storage", str(place.storage), "--tracking-uri", place.tracking_uri, *([] if compare else ["--no-compare"])],
         cwd=folder, capture_output=True, text=True, timeout=400,
     )
@@ -132,7 +132,7 @@ def test_a_sweep_stopped_mid_trial_resumes_that_trial_from_its_checkpoint(tmp_pa
     sweep, place = Sweep.load(sweep_file, ROOT / "conf"), _place(tmp_path)
     (trial,) = sweep.trials()
     log = place.trial_dir(trial) / "trial.log"
-    command = [sys.executable, "-m", "mpdp_lightning.sweep", str(sweep_file), "--conf", str(place.conf_dir),
+    command = [sys.executable, "-m", "mpdp_lightning.experiments.sweep", str(sweep_file), "--conf", str(place.conf_dir),
                "--storage", str(place.storage), "--tracking-uri", place.tracking_uri, "--no-compare"]
     driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpdp_lightning.tasks import TASKS, UnknownTaskError, get_task, make_env, task_spaces
+from mpdp_lightning.envs.tasks import TASKS, UnknownTaskError, get_task, make_env, task_spaces
 
 # (steps of random actions, whether the task has a health rule that must fire within them)
 BUDGETS = {

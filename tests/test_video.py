@@ -12,7 +12,7 @@ from gymnasium.envs.mujoco import mujoco_rendering
 from mlflow.tracking import MlflowClient
 
 from helpers import fit_args, tracking_uri
-from mpdp_lightning.callbacks.video import EvaluationVideo, artifact_name
+from mpdp_lightning.training.callbacks.video import EvaluationVideo, artifact_name
 from mpdp_lightning.cli import main
 
 WIDTH, HEIGHT, MAX_FRAMES = 64, 48, 10

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from mpdp_lightning.model_based import ModelBasedSAC
-from mpdp_lightning.policy import frozen
-from mpdp_lightning.tasks import get_task, make_env
-from mpdp_lightning.world_model import GaussianEnsemble, fit_ensemble, holdout_errors, ovr_uncertainty
+from mpdp_lightning.algorithms.model_based import ModelBasedSAC
+from mpdp_lightning.models.policy import frozen
+from mpdp_lightning.envs.tasks import get_task, make_env
+from mpdp_lightning.models.world_model import GaussianEnsemble, fit_ensemble, holdout_errors, ovr_uncertainty
 
 OBS, ACT = 4, 1
 
@@ -187,7 +187,7 @@ def trained_pendulum_model():
 
 
 def test_each_member_keeps_one_bootstrap_per_fit_and_members_differ(monkeypatch):
-    import mpdp_lightning.world_model as wm
+    import mpdp_lightning.models.world_model as wm
 
     n, k = 300, 4
     inputs = torch.randn(n, OBS + ACT)

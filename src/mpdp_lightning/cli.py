@@ -33,18 +33,18 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException  # n
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
-from mpdp_lightning.callbacks import (  # noqa: E402
+from mpdp_lightning.training.callbacks import (  # noqa: E402
     EnvInteraction, EnvStepCheckpoint, EnvStepProgressBar, Evaluation, EvaluationVideo,
 )
-from mpdp_lightning.callbacks.checkpointing import LAST, default_checkpoint_dir  # noqa: E402
-from mpdp_lightning.callbacks.progress import find_callback  # noqa: E402
-from mpdp_lightning.checkpoint_io import read_checkpoint_header  # noqa: E402
-from mpdp_lightning.data import ReplayDataModule  # noqa: E402
+from mpdp_lightning.training.callbacks.checkpointing import LAST, default_checkpoint_dir  # noqa: E402
+from mpdp_lightning.training.callbacks.progress import find_callback  # noqa: E402
+from mpdp_lightning.training.checkpoint_io import read_checkpoint_header  # noqa: E402
+from mpdp_lightning.training.data import ReplayDataModule  # noqa: E402
 from mpdp_lightning.errors import MPDPError, RunInterrupted, describe_parser_error  # noqa: E402
 from mpdp_lightning.preflight import check_tracking_uri, check_writable_folder  # noqa: E402
 from mpdp_lightning.console import Outcome, RunClock, mlflow_loggers, start_line, summary  # noqa: E402
-from mpdp_lightning.tasks import TASKS, get_task  # noqa: E402
-from mpdp_lightning.tracking import log_run_config  # noqa: E402
+from mpdp_lightning.envs.tasks import TASKS, get_task  # noqa: E402
+from mpdp_lightning.experiments.tracking import log_run_config  # noqa: E402
 
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates: noise, not the user's problem.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")

@@ -15,10 +15,10 @@ from typing import Optional, Sequence
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import MLFlowLogger
 
-from mpdp_lightning.callbacks.checkpointing import EnvStepCheckpoint
-from mpdp_lightning.callbacks.env_interaction import EnvInteraction
-from mpdp_lightning.callbacks.evaluation import Evaluation
-from mpdp_lightning.callbacks.progress import find_callback, format_duration
+from mpdp_lightning.training.callbacks.checkpointing import EnvStepCheckpoint
+from mpdp_lightning.training.callbacks.env_interaction import EnvInteraction
+from mpdp_lightning.training.callbacks.evaluation import Evaluation
+from mpdp_lightning.training.callbacks.progress import find_callback, format_duration
 
 # The store `make ui` serves (the Makefile's ui target)
 PROJECT_STORE = "sqlite:///mlflow.db"

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mpdp_lightning.tasks import make_env
+from mpdp_lightning.envs.tasks import make_env
 
 
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:

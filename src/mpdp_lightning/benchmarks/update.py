@@ -37,11 +37,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mpdp_lightning.benchmarks.common import random_transitions, timed
-from mpdp_lightning.improvement import ImaginationNoise, ImprovementSettings, extended_improvement
-from mpdp_lightning.policy import SquashedGaussianHeads, Temperature, TwinQ
-from mpdp_lightning.sac_losses import actor_loss, critic_loss, temperature_loss
-from mpdp_lightning.tasks import get_task, task_spaces
-from mpdp_lightning.world_model import GaussianEnsemble, fit_ensemble, nll_loss
+from mpdp_lightning.objectives.h_step_improvement import ImaginationNoise, ImprovementSettings, extended_improvement
+from mpdp_lightning.models.policy import SquashedGaussianHeads, Temperature, TwinQ
+from mpdp_lightning.objectives.sac_losses import actor_loss, critic_loss, temperature_loss
+from mpdp_lightning.envs.tasks import get_task, task_spaces
+from mpdp_lightning.models.world_model import GaussianEnsemble, fit_ensemble, nll_loss
 
 ADAM = {"fused": True}
 

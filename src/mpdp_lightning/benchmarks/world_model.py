@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from mpdp_lightning.benchmarks.common import random_transitions, timed
-from mpdp_lightning.tasks import get_task
-from mpdp_lightning.world_model import GaussianEnsemble, nll_loss
+from mpdp_lightning.envs.tasks import get_task
+from mpdp_lightning.models.world_model import GaussianEnsemble, nll_loss
 
 
 def main() -> None:

@@ -27,11 +27,11 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from mpdp_lightning.callbacks.env_interaction import global_seed
-from mpdp_lightning.callbacks.evaluation import EVAL_SEED_OFFSET
-from mpdp_lightning.callbacks.schedule import EnvStepRoutine
-from mpdp_lightning.metrics import log_metrics
-from mpdp_lightning.tasks import make_env
+from mpdp_lightning.training.callbacks.env_interaction import global_seed
+from mpdp_lightning.training.callbacks.evaluation import EVAL_SEED_OFFSET
+from mpdp_lightning.training.callbacks.schedule import EnvStepRoutine
+from mpdp_lightning.training.metrics import log_metrics
+from mpdp_lightning.envs.tasks import make_env
 
 ARTIFACT_DIR = "video"
 REAL_TIME_FPS = 30  # frame_skip=None keeps about this many frames per second of simulated time

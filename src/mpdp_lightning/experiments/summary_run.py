@@ -54,7 +54,7 @@ def log_to_mlflow(
     name = run_name or summary_run_name(sweep)
     run = find_summary_run(client, found.experiment_id, sweep, name)
     if run is None:
-        note = f"Comparison over seeds of the sweep {sweep!r}: table and figures (python -m mpdp_lightning.compare)."
+        note = f"Comparison over seeds of the sweep {sweep!r}: table and figures (python -m mpdp_lightning.experiments.compare)."
         run = client.create_run(found.experiment_id, run_name=name,
                                 tags={"sweep_summary": "true", "sweep": sweep, "mlflow.note.content": note})
     run_id = run.info.run_id

@@ -1,7 +1,7 @@
 """Sweeps on Ray Tune: every combination of task, algorithm, seed and override values is one
 trial that runs the very same LightningCLI training as ``make train``, into one MLflow experiment.
 
-    python -m mpdp_lightning.sweep conf/sweep/ip-sac-vs-mpdp.yaml [--dry-run] [-- extra CLI args]
+    python -m mpdp_lightning.experiments.sweep conf/sweep/ip-sac-vs-mpdp.yaml [--dry-run] [-- extra CLI args]
 
 (``make sweep SWEEP=conf/sweep/<name>.yaml``). A trial is a subprocess ``python -m mpdp_lightning
 fit ...`` started by a Ray Tune function trainable, not the CLI called in the Ray worker: the CLI
@@ -38,7 +38,7 @@ from typing import Any, Optional
 import yaml
 
 from mpdp_lightning.errors import MPDPError
-from mpdp_lightning.tasks import TASKS
+from mpdp_lightning.envs.tasks import TASKS
 
 PROGRESS = re.compile(r"env steps (\d+)/(\d+) .*· eval return (\S+) · ([\d.]+) env steps/s")
 SWEEP_KEYS = {"name", "tasks", "algos", "seeds", "grid", "grid_algos", "preset", "args", "cpus_per_trial", "gpus_per_trial",
@@ -344,7 +344,7 @@ def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool =
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mpdp_lightning.sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mpdp_lightning.experiments.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="a sweep file, e.g. conf/sweep/ip-sac-vs-mpdp.yaml")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store of the trials (default: the project's sqlite:///mlflow.db; a shared "
@@ -380,8 +380,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 def compare_sweep(sweep: Sweep, place: Place) -> None:
     """The seed table and the paper-style figures of the sweep, written to ``<storage>/comparison``
     and logged to the sweep's summary run in MLflow (the UI shows them there)."""
-    from mpdp_lightning.compare import write_comparison
-    from mpdp_lightning.summary_run import log_to_mlflow
+    from mpdp_lightning.experiments.compare import write_comparison
+    from mpdp_lightning.experiments.summary_run import log_to_mlflow
 
     out = place.storage / "comparison"
     try:

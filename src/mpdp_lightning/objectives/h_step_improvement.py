@@ -46,9 +46,9 @@ from typing import Callable, Literal, Optional
 
 import torch
 
-from mpdp_lightning.nets import MemberWeights
-from mpdp_lightning.policy import SquashedGaussianHeads, TwinQ, frozen
-from mpdp_lightning.world_model import GaussianEnsemble
+from mpdp_lightning.models.nets import MemberWeights
+from mpdp_lightning.models.policy import SquashedGaussianHeads, TwinQ, frozen
+from mpdp_lightning.models.world_model import GaussianEnsemble
 
 ThresholdRule = Literal["quantile", "absolute", "anchored"]
 PenaltyScale = Literal["median", "none"]

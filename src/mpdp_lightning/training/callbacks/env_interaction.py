@@ -20,8 +20,8 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 from tensordict import TensorDict
 
-from mpdp_lightning.metrics import log_metrics
-from mpdp_lightning.tasks import make_env
+from mpdp_lightning.training.metrics import log_metrics
+from mpdp_lightning.envs.tasks import make_env
 
 
 def global_seed() -> int:

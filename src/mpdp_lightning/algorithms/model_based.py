@@ -16,12 +16,12 @@ import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from tensordict import TensorDictBase
 
-from mpdp_lightning.clock import passed_multiple
-from mpdp_lightning.data import PendingBatch
-from mpdp_lightning.metrics import log_metrics
-from mpdp_lightning.sac import SAC
-from mpdp_lightning.tasks import get_task
-from mpdp_lightning.world_model import GaussianEnsemble, fit_ensemble
+from mpdp_lightning.training.clock import passed_multiple
+from mpdp_lightning.training.data import PendingBatch
+from mpdp_lightning.training.metrics import log_metrics
+from mpdp_lightning.algorithms.sac import SAC
+from mpdp_lightning.envs.tasks import get_task
+from mpdp_lightning.models.world_model import GaussianEnsemble, fit_ensemble
 
 
 class ModelBasedSAC(SAC):

@@ -1,7 +1,7 @@
 """Compare runs from the MLflow store: load them, and the command line that prints the table over
 seeds and writes the figures.
 
-    python -m mpdp_lightning.compare --experiment mpdp --sweep ip-beta --threshold 900 --out compare/
+    python -m mpdp_lightning.experiments.compare --experiment mpdp --sweep ip-beta --threshold 900 --out compare/
 
 ``seeds`` aggregates over seeds, ``figures`` draws the paper-style figures and ``summary_run`` puts
 them into the sweep's summary run in MLflow; notebooks/runs.ipynb uses the same functions.
@@ -175,7 +175,7 @@ def write_report(
     """Write into ``out_dir`` the table over seeds (``seed_table.csv``, numeric; ``seed_table.md``,
     as printed, with what its columns mean), the per-run measures (``runs.csv``) and the figures
     (``figures.write_figures``). Returns the paths written, tables first."""
-    from mpdp_lightning import figures, seeds
+    from mpdp_lightning.experiments import figures, seeds
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +208,7 @@ def _no_runs_message(tracking_uri: str, experiment: str, sweep: Optional[str], f
 
 
 def _markdown_report(table: pd.DataFrame, source: str, threshold: Optional[float]) -> str:
-    from mpdp_lightning import seeds
+    from mpdp_lightning.experiments import seeds
 
     lines = [
         "# Eval return over seeds" + (f": {source}" if source else ""),
@@ -255,7 +255,7 @@ def plot_curves(curves: pd.DataFrame, metric: str = "eval/return", ax=None):
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m mpdp_lightning.compare",
+        prog="python -m mpdp_lightning.experiments.compare",
         description="Compare training runs from the MLflow store: a table over seeds (mean ± std of"
         " eval return at 25/50/75 % of the budget and at the end, area under the curve, first env step"
         " at a threshold) per task, algorithm and override values, and the paper-style figures.")
@@ -288,7 +288,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from mpdp_lightning import seeds
+    from mpdp_lightning.experiments import seeds
 
     runs, curves = load_comparison(args.tracking_uri, args.experiment, args.filter, args.sweep,
                                    list(dict.fromkeys([*FIGURE_METRICS, args.metric])))
@@ -322,7 +322,7 @@ def _compare(args: argparse.Namespace) -> None:
         if out is not None:
             print(f"wrote {len(written)} files into {out}: {', '.join(path.name for path in written)}")
         if args.log_to_mlflow:
-            from mpdp_lightning.summary_run import log_to_mlflow
+            from mpdp_lightning.experiments.summary_run import log_to_mlflow
 
             run_id = log_to_mlflow(written, args.tracking_uri, args.experiment, args.sweep)
             print(f"logged {len(written)} files to the summary run {run_id} of sweep {args.sweep!r}")

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from tensordict import TensorDict
 
-from mpdp_lightning.world_model import GaussianEnsemble
+from mpdp_lightning.models.world_model import GaussianEnsemble
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ import lightning.pytorch as pl
 import numpy as np
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from mpdp_lightning.callbacks.env_interaction import global_seed
-from mpdp_lightning.callbacks.schedule import EnvStepRoutine
-from mpdp_lightning.metrics import log_metrics
-from mpdp_lightning.tasks import make_env
+from mpdp_lightning.training.callbacks.env_interaction import global_seed
+from mpdp_lightning.training.callbacks.schedule import EnvStepRoutine
+from mpdp_lightning.training.metrics import log_metrics
+from mpdp_lightning.envs.tasks import make_env
 
 # Evaluation seeds are offset from training seeds so the two environments never share episodes.
 EVAL_SEED_OFFSET = 1_000_003

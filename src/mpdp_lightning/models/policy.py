@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpdp_lightning.nets import BatchedMLP, MemberWeights
+from mpdp_lightning.models.nets import BatchedMLP, MemberWeights
 
 Head = Union[int, MemberWeights]  # a head: its index, or its weights (BatchedMLP.member_weights)
 

@@ -16,9 +16,9 @@ from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_warn
 from tensordict import TensorDictBase
 
-from mpdp_lightning.improvement import ImprovementSettings, PenaltyScale, ThresholdRule, extended_improvement
-from mpdp_lightning.metrics import log_json_artifact
-from mpdp_lightning.model_based import ModelBasedSAC
+from mpdp_lightning.objectives.h_step_improvement import ImprovementSettings, PenaltyScale, ThresholdRule, extended_improvement
+from mpdp_lightning.training.metrics import log_json_artifact
+from mpdp_lightning.algorithms.model_based import ModelBasedSAC
 
 
 def compile_pays(device: torch.device) -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from mpdp_lightning.clock import passed_multiple
+from mpdp_lightning.training.clock import passed_multiple
 
 
 class EnvStepRoutine(Callback):

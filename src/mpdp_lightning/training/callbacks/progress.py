@@ -19,8 +19,8 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks.progress import ProgressBar
 from tqdm import tqdm
 
-from mpdp_lightning.callbacks.env_interaction import EnvInteraction
-from mpdp_lightning.callbacks.evaluation import Evaluation
+from mpdp_lightning.training.callbacks.env_interaction import EnvInteraction
+from mpdp_lightning.training.callbacks.evaluation import Evaluation
 
 
 def find_callback(trainer: pl.Trainer, kind: type) -> Any:

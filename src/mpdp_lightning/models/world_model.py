@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpdp_lightning.nets import BatchedMLP
-from mpdp_lightning.tasks import TerminationFn
+from mpdp_lightning.models.nets import BatchedMLP
+from mpdp_lightning.envs.tasks import TerminationFn
 
 # MBPO's L2 weight decay per layer (input layer first, output layer last) for 4 hidden layers;
 # other depths interpolate between the first and last value.

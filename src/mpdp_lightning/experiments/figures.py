@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
-from mpdp_lightning import seeds
+from mpdp_lightning.experiments import seeds
 
 BETA = "model.init_args.beta"
 # metric: (panel title, y label, log scale)

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tqdm import tqdm
 
-from mpdp_lightning.clock import passed_multiple
+from mpdp_lightning.training.clock import passed_multiple
 from mpdp_lightning.errors import RunInterrupted
 
 LAST = "last.ckpt"

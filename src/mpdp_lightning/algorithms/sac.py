@@ -20,13 +20,13 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from tensordict import TensorDictBase
 
-from mpdp_lightning.data import PendingBatch, drawn
+from mpdp_lightning.training.data import PendingBatch, drawn
 from mpdp_lightning.errors import NonFiniteLossError
-from mpdp_lightning.finiteness import NonFiniteGuard, non_finite_parameters
-from mpdp_lightning.metrics import MetricAccumulator, PhaseTimer
-from mpdp_lightning.policy import SquashedGaussianHeads, Temperature, TwinQ
-from mpdp_lightning.sac_losses import actor_loss, critic_loss, temperature_loss
-from mpdp_lightning.tasks import get_task, task_spaces
+from mpdp_lightning.training.finiteness import NonFiniteGuard, non_finite_parameters
+from mpdp_lightning.training.metrics import MetricAccumulator, PhaseTimer
+from mpdp_lightning.models.policy import SquashedGaussianHeads, Temperature, TwinQ
+from mpdp_lightning.objectives.sac_losses import actor_loss, critic_loss, temperature_loss
+from mpdp_lightning.envs.tasks import get_task, task_spaces
 
 # The fused Adam kernel (CPU and CUDA) updates all of an optimizer's tensors in one call.
 ADAM = {"fused": True}

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from tensordict import TensorDictBase
 
-from mpdp_lightning.policy import SquashedGaussianHeads, TwinQ, frozen
+from mpdp_lightning.models.policy import SquashedGaussianHeads, TwinQ, frozen
 
 
 def critic_loss(

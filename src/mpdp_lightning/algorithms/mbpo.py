@@ -17,12 +17,12 @@ import torch
 from jsonargparse.typing import PositiveInt
 from tensordict import TensorDictBase
 
-from mpdp_lightning.branched_rollouts import RolloutSchedule, branched_rollouts
-from mpdp_lightning.data import PendingBatch, drawn, uniform_sample
-from mpdp_lightning.metrics import log_metrics
-from mpdp_lightning.model_based import ModelBasedSAC
-from mpdp_lightning.model_replay import ModelReplay, split_batch
-from mpdp_lightning.tasks import get_task
+from mpdp_lightning.planners.branched_rollouts import RolloutSchedule, branched_rollouts
+from mpdp_lightning.training.data import PendingBatch, drawn, uniform_sample
+from mpdp_lightning.training.metrics import log_metrics
+from mpdp_lightning.algorithms.model_based import ModelBasedSAC
+from mpdp_lightning.training.model_replay import ModelReplay, split_batch
+from mpdp_lightning.envs.tasks import get_task
 
 
 @dataclass(frozen=True)

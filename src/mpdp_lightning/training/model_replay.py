@@ -16,7 +16,7 @@ import torch
 from tensordict import TensorDictBase
 from torchrl.data import LazyTensorStorage, ReplayBuffer
 
-from mpdp_lightning.data import TRANSITION_KEYS, newest, uniform_sample
+from mpdp_lightning.training.data import TRANSITION_KEYS, newest, uniform_sample
 
 
 class ModelReplay:

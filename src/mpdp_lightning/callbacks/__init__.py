@@ -1,9 +1,0 @@
-"""Callbacks that drive a run on the env-step clock."""
-
-from mpdp_lightning.callbacks.checkpointing import EnvStepCheckpoint
-from mpdp_lightning.callbacks.env_interaction import EnvInteraction
-from mpdp_lightning.callbacks.evaluation import Evaluation
-from mpdp_lightning.callbacks.progress import EnvStepProgressBar
-from mpdp_lightning.callbacks.video import EvaluationVideo
-
-__all__ = ["EnvInteraction", "Evaluation", "EnvStepCheckpoint", "EnvStepProgressBar", "EvaluationVideo"]

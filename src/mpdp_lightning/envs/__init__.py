@@ -1,0 +1,1 @@
+"""The task registry: gymnasium environments, their spaces and termination functions."""
