@@ -20,17 +20,18 @@ $(VENV)/.installed: pyproject.toml
 
 # make train TASK=hopper [ALGO=mpdp|sac|mbpo] [PRESET=auto|quick|paper] ARGS="--model.beta 0.7"
 #            [RESUME=runs/checkpoints/<run>/last.ckpt]
-# MPDP runs the paper preset where torch sees a GPU and the quick preset on a CPU-only machine.
+# MPDP and MBPO run their paper preset where torch sees a GPU and their quick preset on a
+# CPU-only machine (conf/preset/<algo>/); SAC has one size. COPlanner: ARGS="--coplanner.enabled true".
 train: install
 	@test -f conf/task/$(TASK).yaml || { echo "error: unknown task '$(TASK)'; known tasks: $$(ls conf/task | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
 	@test -f conf/algo/$(ALGO).yaml || { echo "error: unknown algo '$(ALGO)'; known algos: $$(ls conf/algo | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
 	@preset=$(PRESET); \
 	if [ "$$preset" = auto ]; then preset=$$($(PY) -c "import torch; print('paper' if torch.cuda.is_available() else 'quick')"); fi; \
-	test -f conf/preset/$$preset.yaml || { echo "error: unknown preset '$$preset'; known presets: auto $$(ls conf/preset | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }; \
 	preset_config=; \
-	if [ "$(ALGO)" = mpdp ]; then \
-		echo "MPDP on $(TASK), $$preset preset ($$(sed -n 's/^# expected: //p' conf/preset/$$preset.yaml))"; \
-		preset_config="--config conf/preset/$$preset.yaml"; \
+	if [ -d conf/preset/$(ALGO) ]; then \
+		test -f conf/preset/$(ALGO)/$$preset.yaml || { echo "error: unknown preset '$$preset' for $(ALGO); known presets: auto $$(ls conf/preset/$(ALGO) | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }; \
+		echo "$$(echo $(ALGO) | tr a-z A-Z) on $(TASK), $$preset preset ($$(sed -n 's/^# expected: //p' conf/preset/$(ALGO)/$$preset.yaml))"; \
+		preset_config="--config conf/preset/$(ALGO)/$$preset.yaml"; \
 	fi; \
 	$(PY) -m mpdp_lightning fit --config conf/base.yaml --config conf/algo/$(ALGO).yaml \
 		--config conf/task/$(TASK).yaml $$preset_config $(if $(RESUME),--ckpt_path $(RESUME)) $(ARGS)

@@ -31,6 +31,8 @@ BAD_INPUTS = {
     "unknown algorithm": (["--model", "mpdp_lightning.nope.Algo"], "sac", "cannot import the class 'mpdp_lightning.nope.Algo'"),
     "gamma above 1": (["--model.gamma", "1.5"], "sac", "gamma=1.5"),
     "quantile above 1": (["--model.threshold_quantile", "1.5", *TINY_MPDP], "mpdp", "threshold_quantile"),
+    "COPlanner without a world model": (["--coplanner.enabled", "true"], "sac", "COPlanner plans with a world model, which SAC has not"),
+    "negative COPlanner rate": (["--coplanner.optimistic_rate", "-1", *TINY_MPDP], "mpdp", "coplanner.optimistic_rate"),
     "odd video width": (["--video.width", "63"], "sac", "width must be a positive even number"),
     "gpu on a machine without one": (["--trainer.accelerator", "gpu"], "sac", "trainer: No supported gpu backend found"),
     "checkpoint folder under a file": (["--checkpoint.dirpath", "a_file/checkpoints"], "sac", "a_file is a file, not a folder"),
@@ -121,9 +123,11 @@ def test_checkpoint_of_another_task_is_refused(in_tmp, capsys):
     assert "for task 'ant', not 'hopper'" in _one_error_line(capsys)
 
 
-@pytest.mark.parametrize("var,value", [("TASK", "walker"), ("ALGO", "ppo")])
-def test_make_train_names_the_known_choices(var, value):
-    result = subprocess.run(["make", "-s", "-C", str(ROOT), "train", f"{var}={value}"], capture_output=True, text=True)
+@pytest.mark.parametrize("var,value,known", [("TASK", "walker", "walker2d"), ("ALGO", "ppo", "sac"),
+                                             ("PRESET", "huge", "quick")])
+def test_make_train_names_the_known_choices(var, value, known):
+    algo = ["ALGO=mbpo"] if var == "PRESET" else []  # presets are per algorithm
+    result = subprocess.run(["make", "-s", "-C", str(ROOT), "train", *algo, f"{var}={value}"], capture_output=True, text=True)
     assert result.returncode != 0
     line = result.stderr.strip().splitlines()[0]
-    assert line.startswith(f"error: unknown {var.lower()} '{value}'") and ("walker2d" in line or "sac" in line)
+    assert line.startswith(f"error: unknown {var.lower()} '{value}'") and known in line

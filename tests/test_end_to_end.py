@@ -326,3 +326,70 @@ def test_a_resumed_mbpo_run_branches_its_rollouts_again_before_its_first_update(
     run_id = _only_run(client).info.run_id
     assert _steps(client, run_id, "mbpo/rollout_length") == [101, 151, 200]
     assert _steps(client, run_id, "model/holdout_mse") == [101, 200]  # the model itself was not refitted at 151
+
+
+def test_coplanner_plans_rollouts_conservatively_and_real_actions_optimistically_never_evaluation(in_tmp, monkeypatch):
+    # MBPO with COPlanner: every rollout step is planned with the penalty (outside any acting),
+    # every training action after the first fit with the bonus; evaluation acts with pi_0 alone
+    from mpdp_lightning.algorithms.sac import SAC
+    from mpdp_lightning.planners.up_mpc import UPMPC
+
+    calls, acting = [], []
+    plan, act_on_host = UPMPC.plan, SAC.act_on_host
+
+    def recording_plan(self, model, policy, obs):
+        calls.append((self.rate, obs.shape[0], acting[-1] if acting else None))
+        return plan(self, model, policy, obs)
+
+    def recording_act(self, obs, deterministic=False, where="", explore=False):
+        acting.append("explore" if explore else "evaluate")
+        try:
+            return act_on_host(self, obs, deterministic, where, explore)
+        finally:
+            acting.pop()
+
+    monkeypatch.setattr(UPMPC, "plan", recording_plan)
+    monkeypatch.setattr(SAC, "act_on_host", recording_act)
+    main(fit_args(
+        "hopper", 250, "--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL, "--model.model_max_epochs", "2",
+        "--model.rollouts_per_env_step", "2", "--model.rollout_schedule", "[0, 1, 2, 2]",
+        "--coplanner.enabled", "true", "--coplanner.candidates", "3", "--coplanner.horizon", "2", algo="mbpo",
+    ))
+    run = _only_run(MlflowClient(tracking_uri()))
+    assert run.info.status == "FINISHED" and run.data.tags["algo"] == "MBPO+COPlanner"
+    assert all(context != "evaluate" for _, _, context in calls), "evaluation must never plan"
+    conservative = [(n, context) for rate, n, context in calls if rate < 0]
+    optimistic = [(n, context) for rate, n, context in calls if rate > 0]
+    # fits at env steps 101 and 200, each branching 2 x 100 start states over 2 planned steps
+    assert [n for n, _ in conservative][:1] == [200] and len(conservative) >= 4
+    assert all(context is None for _, context in conservative)
+    # one plan per training env step from the first fit on (the env step before it has no model)
+    assert len(optimistic) == 250 - 101 and all(n == 1 and context == "explore" for n, context in optimistic)
+    client = MlflowClient(tracking_uri())
+    for metric in ("coplanner/rollout_u_chosen", "coplanner/rollout_u_candidates"):
+        assert _steps(client, run.info.run_id, metric) == [101, 200], metric
+    for metric in ("coplanner/explore_u_chosen", "coplanner/explore_u_candidates"):
+        assert _steps(client, run.info.run_id, metric) == [150, 200, 250], metric
+
+
+def test_mpdp_explores_with_coplanner_through_its_heads(in_tmp, monkeypatch):
+    # MPDP has no rollout buffer: only its real actions are planned, with head i acting at step i
+    from mpdp_lightning.models.policy import SquashedGaussianHeads
+
+    heads = []  # the head of every action drawn for the 5 candidates of a planned state
+    act = SquashedGaussianHeads.act
+
+    def recording_act(self, obs, deterministic=False, head=0):
+        if obs.shape[0] == 5:
+            heads.append(head)
+        return act(self, obs, deterministic, head)
+
+    monkeypatch.setattr(SquashedGaussianHeads, "act", recording_act)
+    main(fit_args(
+        "hopper", 150, "--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL, "--model.model_max_epochs", "2",
+        "--model.horizon", "3", "--coplanner.enabled", "true", "--coplanner.horizon", "4", algo="mpdp",
+    ))
+    run = _only_run(MlflowClient(tracking_uri()))
+    assert run.info.status == "FINISHED" and run.data.tags["algo"] == "MPDP+COPlanner"
+    assert heads[:4] == [0, 1, 2, 2] and len(heads) == 4 * (150 - 101)  # H = 3 heads: the last one beyond
+    assert _steps(MlflowClient(tracking_uri()), run.info.run_id, "coplanner/explore_u_chosen") == [150]

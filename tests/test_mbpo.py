@@ -38,6 +38,19 @@ def test_the_tasks_settings_come_from_mbpos_configs():
     assert own.target_entropy == -2.5 and own.schedule.length(5_000) == 3
 
 
+def test_updates_per_env_step_default_to_the_tasks_and_an_explicit_value_wins():
+    from mpdp_lightning.training.callbacks import EnvInteraction
+
+    small = dict(hidden=16, model_hidden=16, model_layers=1, ensemble_size=2, num_elites=1)
+    assert MBPO("hopper", **small).default_updates_per_env_step() == 20
+    assert MBPO("halfcheetah", **small).default_updates_per_env_step() == 40  # MBPO's num_train_repeat there
+    for given, expected in ((None, 40), (3, 3)):
+        callback = EnvInteraction(total_env_steps=100, warmup_steps=10, updates_per_env_step=given)
+        callback.setup(None, MBPO("halfcheetah", **small), "fit")
+        assert callback.updates_per_env_step == expected
+        callback.teardown(None, None, "fit")
+
+
 @pytest.mark.parametrize("bad", [dict(real_ratio=1.5), dict(rollout_schedule=[1, 2, 3])])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):

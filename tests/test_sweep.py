@@ -59,11 +59,23 @@ def test_a_sweep_file_expands_to_one_trial_per_combination(tmp_path):
     assert mpdp in trials and mpdp.key == "inverted_pendulum-mpdp-s2-beta=0.5"
     argv = trial_argv(sweep, mpdp, _place(tmp_path), ["--model.gamma", "0.98"], preset="quick")
     assert argv[argv.index("--seed_everything") + 1] == "2"
-    assert str(ROOT / "conf/preset/quick.yaml") in argv  # MPDP's preset, as make train
+    assert str(ROOT / "conf/preset/mpdp/quick.yaml") in argv  # MPDP's preset, as make train
     assert argv[argv.index("--model.beta") + 1] == "0.5" and argv[-2:] == ["--model.gamma", "0.98"]
     assert json.loads(argv[argv.index("--trainer.logger.init_args.tags") + 1]) == {"sweep": "tiny", "trial": mpdp.key}
     sac_argv = trial_argv(sweep, Trial("inverted_pendulum", "sac", 0, (("model.beta", 0.0),)), _place(tmp_path), [], "quick")
-    assert not any("preset" in arg for arg in sac_argv)
+    assert not any("preset" in arg for arg in sac_argv)  # SAC has no presets
+    mbpo_argv = trial_argv(sweep, Trial("inverted_pendulum", "mbpo", 0), _place(tmp_path), [], "paper")
+    assert str(ROOT / "conf/preset/mbpo/paper.yaml") in mbpo_argv
+
+
+def test_trials_run_seed_major_so_a_sweep_cut_short_has_every_arm(tmp_path):
+    path = _sweep_file(tmp_path, seeds=(0, 1), algos=["sac", "mbpo"], grid={"coplanner.enabled": [False, True]})
+    sweep = Sweep.load(path, ROOT / "conf")
+    sweep.grid_algos = ["mbpo"]
+    assert [t.key for t in sweep.trials()] == [
+        "inverted_pendulum-sac-s0", "inverted_pendulum-mbpo-s0-enabled=False", "inverted_pendulum-mbpo-s0-enabled=True",
+        "inverted_pendulum-sac-s1", "inverted_pendulum-mbpo-s1-enabled=False", "inverted_pendulum-mbpo-s1-enabled=True",
+    ]
 
 
 def test_a_grid_limited_to_some_algos_runs_the_others_once_per_seed(tmp_path):

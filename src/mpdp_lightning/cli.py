@@ -1,12 +1,13 @@
 """Command line: ``mpdp fit --config conf/base.yaml --config conf/algo/mpdp.yaml --config
-conf/task/hopper.yaml [--config conf/preset/quick.yaml] --model.gamma 0.98`` (``make train``
-composes exactly this, adding MPDP's preset).
+conf/task/hopper.yaml [--config conf/preset/mpdp/quick.yaml] --model.gamma 0.98`` (``make train``
+composes exactly this, adding the algorithm's preset).
 
 A LightningCLI in omegaconf+ mode: later ``--config`` files override earlier ones, every field
 can be overridden on the command line, and ``${...}`` interpolations see those overrides. The
 top-level ``--task`` is linked into the module; the env-step callbacks are their own groups
 (``--env_interaction.total_env_steps``, ``--evaluation.eval_every``,
-``--checkpoint.checkpoint_every``, ``--progress_bar.*``, ``--video.video_every``).
+``--checkpoint.checkpoint_every``, ``--progress_bar.*``, ``--video.video_every``), and so is
+COPlanner's plug-in (``--coplanner.enabled true``).
 
 What a user sees: one line naming the run, a progress bar (plain lines when output is not a
 terminal), and a summary at the end or at an interruption. Bad input ends with one ``error:``
@@ -34,9 +35,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
 from mpdp_lightning.training.callbacks import (  # noqa: E402
-    EnvInteraction, EnvStepCheckpoint, EnvStepProgressBar, Evaluation, EvaluationVideo,
+    COPlanner, EnvInteraction, EnvStepCheckpoint, EnvStepProgressBar, Evaluation, EvaluationVideo,
 )
 from mpdp_lightning.training.callbacks.checkpointing import LAST, default_checkpoint_dir  # noqa: E402
+from mpdp_lightning.training.callbacks.coplanner import plans_with_a_model  # noqa: E402
 from mpdp_lightning.training.callbacks.progress import find_callback  # noqa: E402
 from mpdp_lightning.training.checkpoint_io import read_checkpoint_header  # noqa: E402
 from mpdp_lightning.training.data import ReplayDataModule  # noqa: E402
@@ -93,6 +95,7 @@ class MPDPCLI(LightningCLI):
         parser.add_lightning_class_args(EnvStepCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EnvStepProgressBar, "progress_bar")
         parser.add_lightning_class_args(EvaluationVideo, "video")
+        parser.add_lightning_class_args(COPlanner, "coplanner")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         try:
@@ -144,6 +147,11 @@ class MPDPCLI(LightningCLI):
             config.trainer.enable_progress_bar = True
             config.progress_bar.enabled = False
         get_task(config.task)  # one-line error listing the known tasks
+        if config.coplanner.enabled:
+            module, _, name = str(config.model.class_path).rpartition(".")
+            if not plans_with_a_model(getattr(import_module(module), name)):
+                raise MPDPError(f"coplanner.enabled: COPlanner plans with a world model, which {name} has not; "
+                                f"use an algorithm with one (mbpo, mpdp)")
         interaction = config.env_interaction
         if interaction.warmup_steps >= interaction.total_env_steps:
             raise MPDPError(

@@ -19,6 +19,7 @@ from mpdp_lightning.training.callbacks.checkpointing import EnvStepCheckpoint
 from mpdp_lightning.training.callbacks.env_interaction import EnvInteraction
 from mpdp_lightning.training.callbacks.evaluation import Evaluation
 from mpdp_lightning.training.callbacks.progress import find_callback, format_duration
+from mpdp_lightning.experiments.tracking import algo_name
 
 # The store `make ui` serves (the Makefile's ui target)
 PROJECT_STORE = "sqlite:///mlflow.db"
@@ -86,7 +87,7 @@ def where_it_logs(logger: MLFlowLogger) -> str:
 
 def start_line(trainer: pl.Trainer, config: dict, checkpoint: Optional[Path], resumed_from: Optional[int]) -> str:
     """One line naming the run, where it logs and where it checkpoints."""
-    algo = str(config.get("model", {}).get("class_path", "?")).rsplit(".", 1)[-1]
+    algo = algo_name(config)
     preset = f", {config['preset']} preset" if config.get("preset") else ""
     resumed = f", resumed at env step {resumed_from}" if resumed_from is not None else ""
     loggers = mlflow_loggers(trainer)

@@ -11,13 +11,14 @@ from SAC: the losses, nets and temperature are SAC's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from jsonargparse.typing import PositiveInt
 from tensordict import TensorDictBase
 
 from mpdp_lightning.planners.branched_rollouts import RolloutSchedule, branched_rollouts
+from mpdp_lightning.planners.up_mpc import Plan
 from mpdp_lightning.training.data import PendingBatch, drawn, uniform_sample
 from mpdp_lightning.training.metrics import log_metrics
 from mpdp_lightning.algorithms.model_based import ModelBasedSAC
@@ -33,12 +34,13 @@ class MBPOTaskSettings:
     target_entropy: float
     model_train_every: int = 250
     retain_epochs: int = 1
+    updates_per_env_step: int = 20  # num_train_repeat
 
 
 MBPO_TASKS = {
     "hopper": MBPOTaskSettings((20, 100, 1, 15), -1.0),
     "walker2d": MBPOTaskSettings((20, 150, 1, 1), -3.0),
-    "halfcheetah": MBPOTaskSettings((20, 150, 1, 1), -3.0),
+    "halfcheetah": MBPOTaskSettings((20, 150, 1, 1), -3.0, updates_per_env_step=40),
     "ant": MBPOTaskSettings((20, 100, 1, 25), -4.0),
     "humanoid": MBPOTaskSettings((20, 300, 1, 25), -2.0, model_train_every=1000, retain_epochs=5),
     # Not in MBPO's configs. One-step rollouts, as MBPO's walker2d and halfcheetah: its runs here
@@ -102,6 +104,10 @@ class MBPO(ModelBasedSAC):
         )
         self.model_replay: Optional[ModelReplay] = None
 
+    def default_updates_per_env_step(self) -> int:
+        """MBPO's updates per env step for the task (20; halfcheetah 40)."""
+        return MBPO_TASKS.get(self.task, MBPOTaskSettings((0, 1, 1, 1), 0.0)).updates_per_env_step
+
     # ---- rollouts ------------------------------------------------------------------------------
     def train_world_model(self) -> dict[str, float]:
         metrics = super().train_world_model()
@@ -120,7 +126,8 @@ class MBPO(ModelBasedSAC):
             self.model_replay = ModelReplay(capacity, self.device)
         self.model_replay.resize(capacity)
         real = uniform_sample(self.trainer.datamodule.buffer, starts)
-        rollouts = branched_rollouts(self.world_model, self.actor.act, real["obs"], length)
+        plans: list[Plan] = []
+        rollouts = branched_rollouts(self.world_model, self.rollout_action(plans), real["obs"], length)
         self.model_replay.add(rollouts)
         metrics = {
             "mbpo/rollout_length": float(length),
@@ -129,8 +136,24 @@ class MBPO(ModelBasedSAC):
             "mbpo/rollout_u_mean": rollouts["u"].mean().item(),
             "mbpo/rollout_terminated": rollouts["terminated"].float().mean().item(),
         }
+        if plans:  # COPlanner: how uncertain the chosen actions were, against all candidates
+            metrics["coplanner/rollout_u_chosen"] = torch.cat([p.chosen_uncertainty for p in plans]).mean().item()
+            metrics["coplanner/rollout_u_candidates"] = torch.cat([p.candidate_uncertainty for p in plans]).mean().item()
         log_metrics(self.trainer, metrics, step=self.env_steps)
         return metrics
+
+    def rollout_action(self, plans: list[Plan]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The rollouts' actor: pi_0's sample, or with a rollout planner (COPlanner) UP-MPC's
+        conservative choice at every step, each step's plan appended to ``plans``."""
+        planner = self.rollout_planner
+        if planner is None:
+            return self.actor.act
+
+        def act(obs: torch.Tensor) -> torch.Tensor:
+            plans.append(planner.plan(self.world_model, self.planning_action, obs))
+            return plans[-1].action
+
+        return act
 
     # ---- the batch (the model replay is not checkpointed: it is branched again after a resume) ---
     def draw_batch(self, batch: Union[PendingBatch, TensorDictBase]) -> TensorDictBase:

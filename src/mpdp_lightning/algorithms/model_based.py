@@ -22,6 +22,7 @@ from mpdp_lightning.training.metrics import log_metrics
 from mpdp_lightning.algorithms.sac import SAC
 from mpdp_lightning.envs.tasks import get_task
 from mpdp_lightning.models.world_model import GaussianEnsemble, fit_ensemble
+from mpdp_lightning.planners.up_mpc import UPMPC
 
 
 class ModelBasedSAC(SAC):
@@ -78,6 +79,10 @@ class ModelBasedSAC(SAC):
         )
         self.model_trained_at: Optional[int] = None  # env step of the last fit
         self.model_fits = 0
+        # COPlanner's UP-MPC, when the COPlanner callback plugs it in: conservative for model
+        # rollouts (MBPO), optimistic for the training environment's actions
+        self.rollout_planner: Optional[UPMPC] = None
+        self.exploration_planner: Optional[UPMPC] = None
 
     def optimizer_groups(self) -> dict[str, tuple[list[torch.nn.Parameter], float]]:
         groups = super().optimizer_groups()
@@ -133,6 +138,18 @@ class ModelBasedSAC(SAC):
         )
         log_metrics(self.trainer, metrics, step=self.env_steps)
         return metrics
+
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:
+        """With an exploration planner and a fitted model, UP-MPC's optimistic choice; the
+        uncertainty of the chosen and the candidate actions goes into the train metrics."""
+        if self.exploration_planner is None or self.model_trained_at is None:
+            return super().explore(obs)
+        plan = self.exploration_planner.plan(self.world_model, self.planning_action, obs)
+        self.train_metrics.add({
+            "coplanner/explore_u_chosen": plan.chosen_uncertainty.mean(),
+            "coplanner/explore_u_candidates": plan.candidate_uncertainty.mean(),
+        })
+        return plan.action
 
     @torch.no_grad()
     def prediction_error(self, transitions: TensorDictBase) -> float:

@@ -82,6 +82,11 @@ class MPDP(ModelBasedSAC):
         self.horizon_history: dict[int, list[int]] = {}
         self._sac_windows = 0  # consecutive log windows in which every row stopped at its first step
 
+    def planning_action(self, obs: torch.Tensor, step: int) -> torch.Tensor:
+        """Head ``step`` (the last head beyond H): each head is trained for its step of an imagined
+        rollout from real states, which is what a planner's rollout is."""
+        return self.actor.act(obs, head=min(step, self.actor.heads - 1))
+
     def improve_policy(self, batch: TensorDictBase) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Algorithm 1: one backward of the H-step objective into every head."""
         device = batch["obs"].device

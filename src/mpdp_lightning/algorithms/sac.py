@@ -108,7 +108,21 @@ class SAC(pl.LightningModule):
         """pi_0's action for a batch of observations, in the environment's units."""
         return self.actor.act(obs, deterministic)
 
-    def act_on_host(self, obs: np.ndarray, deterministic: bool = False, where: str = "") -> np.ndarray:
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:
+        """The action taken in the training environment: pi_0's sample (with COPlanner on a
+        model-based algorithm, UP-MPC's optimistic choice; see ModelBasedSAC)."""
+        return self.act(obs)
+
+    def default_updates_per_env_step(self) -> int:
+        """Updates per env step when ``env_interaction.updates_per_env_step`` is not given."""
+        return 1
+
+    def planning_action(self, obs: torch.Tensor, step: int) -> torch.Tensor:
+        """The policy a planner acts with at planning step ``step``: pi_0's sample (MPDP: head
+        ``step``, trained for that step of an imagined rollout)."""
+        return self.actor.act(obs)
+
+    def act_on_host(self, obs: np.ndarray, deterministic: bool = False, where: str = "", explore: bool = False) -> np.ndarray:
         """pi_0's actions for a batch of host observations, as a host array that is never NaN or
         inf: the one place every environment gets its actions from (training and evaluation).
         The check costs nothing, the actions come to the host anyway; a non-finite one stops the
@@ -116,8 +130,10 @@ class SAC(pl.LightningModule):
 
         Args:
             where: when the action was asked for, e.g. "at env step 151", for the message.
+            explore: the training environment's action (``explore``); evaluation never sets it.
         """
-        actions = self.act(torch.as_tensor(obs, dtype=torch.float32, device=self.device), deterministic).cpu().numpy()
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        actions = (self.explore(obs) if explore else self.act(obs, deterministic)).cpu().numpy()
         if not np.isfinite(actions).all():
             shown = actions[0] if len(actions) == 1 else actions
             self.raise_if_not_finite(" ".join(filter(None, ("pi_0's action", where, f"was {shown.tolist()}"))))

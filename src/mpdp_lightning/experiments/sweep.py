@@ -75,7 +75,8 @@ class Sweep:
         grid: override -> list of values, e.g. ``model.beta: [0, 0.5]``; every combination is a trial.
         grid_algos: the algos the grid varies (e.g. [mpdp] for an MPDP-only switch); the others run
             once per seed with their own config. None: every algo.
-        preset: MPDP's preset, as ``make train`` (auto: paper where torch sees a GPU, quick otherwise).
+        preset: the algorithms' preset (conf/preset/<algo>/), as ``make train`` (auto: paper where
+            torch sees a GPU, quick otherwise); algorithms without presets (SAC) run as configured.
         args: command-line arguments added to every trial.
         cpus_per_trial: CPU cores of each trial; its torch and OpenMP threads are set to match.
         gpus_per_trial: GPUs of each trial where Ray sees GPUs (a fraction shares one); None: 0.25 on
@@ -150,14 +151,16 @@ class Sweep:
             fail(f"gpus_per_trial must be 0 or more, got {self.gpus_per_trial}")
 
     def trials(self) -> list[Trial]:
+        """Seed-major: every arm's first seed runs before any arm's second, so a sweep cut short
+        (or still running) compares all arms on the seeds it has."""
         names = list(self.grid)
         combos = list(itertools.product(*self.grid.values())) if names else [()]
         varied = self.algos if self.grid_algos is None else self.grid_algos
         return [
             Trial(task, algo, seed, tuple(zip(names, values)) if algo in varied else ())
+            for seed in self.seeds
             for task, algo in itertools.product(self.tasks, self.algos)
             for values in (combos if algo in varied else [()])
-            for seed in self.seeds
         ]
 
     def resolved_preset(self) -> str:
@@ -191,8 +194,9 @@ def trial_argv(sweep: Sweep, trial: Trial, place: Place, extra: list[str], prese
     conf = place.conf_dir
     argv = ["fit", "--config", str(conf / "base.yaml"), "--config", str(conf / "algo" / f"{trial.algo}.yaml"),
             "--config", str(conf / "task" / f"{trial.task}.yaml")]
-    if trial.algo == "mpdp":  # as make train: MPDP's preset
-        argv += ["--config", str(conf / "preset" / f"{preset}.yaml")]
+    preset_file = conf / "preset" / trial.algo / f"{preset}.yaml"
+    if preset_file.is_file():  # as make train: the algorithm's preset, where it has one
+        argv += ["--config", str(preset_file)]
     argv += [
         "--seed_everything", str(trial.seed),
         "--trainer.logger.init_args.experiment_name", sweep.name,

@@ -42,6 +42,12 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def algo_name(config: Mapping[str, Any]) -> str:
+    """The algorithm a run is compared as: the module's class, ``+COPlanner`` with the plug-in on."""
+    name = str((config.get("model") or {}).get("class_path", "?")).rsplit(".", 1)[-1]
+    return name + ("+COPlanner" if (config.get("coplanner") or {}).get("enabled") else "")
+
+
 def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool) -> None:
     """Log the resolved ``config`` to every MLflow logger of ``trainer``.
 
@@ -70,5 +76,5 @@ def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool)
         client.set_tag(run_id, "seed", str(as_dict.get("seed_everything")))
         if as_dict.get("preset"):
             client.set_tag(run_id, "preset", str(as_dict["preset"]))
-        client.set_tag(run_id, "algo", str(as_dict.get("model", {}).get("class_path", "")).rsplit(".", 1)[-1])
+        client.set_tag(run_id, "algo", algo_name(as_dict))
         client.log_text(run_id, yaml_text, "config_resumed.yaml" if resumed else "config.yaml")

@@ -89,10 +89,10 @@ class SquashedGaussianHeads(nn.Module):
         return action, (log_prob - log_abs_det).sum(dim=-1)
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-        """pi_0's action for acting in the environment: its mode if deterministic, else a sample
-        (without the log-probability, which acting does not need)."""
-        mean, log_std = self.distribution_params(obs, 0)
+    def act(self, obs: torch.Tensor, deterministic: bool = False, head: int = 0) -> torch.Tensor:
+        """Head ``head``'s action (pi_0's for acting in the environment): its mode if
+        deterministic, else a sample (without the log-probability, which acting does not need)."""
+        mean, log_std = self.distribution_params(obs, head)
         if not deterministic:
             mean = mean + torch.randn_like(mean) * log_std.exp()
         return torch.tanh(mean) * self.action_scale + self.action_bias

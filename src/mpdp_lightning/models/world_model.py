@@ -158,11 +158,19 @@ class GaussianEnsemble(nn.Module):
         sample = mean[member, rows] + noise * (0.5 * logvar[member, rows]).exp()
         target = self.target_norm.denormalize(sample)
         next_obs, reward = obs + target[:, : self.obs_dim], target[:, self.obs_dim]
+        return ModelStep(next_obs, reward, self.is_terminal(obs, action, next_obs), self.uncertainty(mean, logvar))
+
+    def is_terminal(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+        """The task's termination rule on imagined transitions, [B] bool (never, without one)."""
         if self.termination_fn is None:
-            done = torch.zeros_like(reward, dtype=torch.bool)
-        else:
-            done = self.termination_fn(obs, action, next_obs)
-        return ModelStep(next_obs, reward, done, self.uncertainty(mean, logvar))
+            return torch.zeros(next_obs.shape[:-1], dtype=torch.bool, device=next_obs.device)
+        return self.termination_fn(obs, action, next_obs)
+
+    def member_samples(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """One sample of every member's prediction (change in observation, reward) in raw units,
+        [K, B, obs_dim + 1]: what COPlanner's disagreement is measured on."""
+        mean, logvar = self(obs, action)
+        return self.target_norm.denormalize(mean + torch.randn_like(mean) * (0.5 * logvar).exp())
 
 
 def ovr_uncertainty(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

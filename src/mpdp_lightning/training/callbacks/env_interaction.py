@@ -35,7 +35,8 @@ class EnvInteraction(Callback):
     Args:
         total_env_steps: env steps of the whole run (warm-up included); training stops there.
         warmup_steps: env steps with uniform random actions before the first update.
-        updates_per_env_step: policy/critic updates between two env steps.
+        updates_per_env_step: policy/critic updates between two env steps; None: the algorithm's
+            own (``default_updates_per_env_step``: 1; MBPO its task's, 20 or halfcheetah's 40).
         log_every_env_steps: how often the train metrics (means since the last log) are logged.
         seed: seed of the training environment; None uses the run's ``seed_everything``.
     """
@@ -44,14 +45,14 @@ class EnvInteraction(Callback):
         self,
         total_env_steps: PositiveInt = 100_000,
         warmup_steps: PositiveInt = 5_000,
-        updates_per_env_step: PositiveInt = 1,
+        updates_per_env_step: Optional[PositiveInt] = None,
         log_every_env_steps: PositiveInt = 1_000,
         seed: Optional[NonNegativeInt] = None,
     ) -> None:
         for name, value in dict(
             total_env_steps=total_env_steps,
             warmup_steps=warmup_steps,
-            updates_per_env_step=updates_per_env_step,
+            updates_per_env_step=1 if updates_per_env_step is None else updates_per_env_step,
             log_every_env_steps=log_every_env_steps,
         ).items():
             if value <= 0:
@@ -76,6 +77,8 @@ class EnvInteraction(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.env is None:
             self.env = make_env(pl_module.task)
+        if self.updates_per_env_step is None:
+            self.updates_per_env_step = pl_module.default_updates_per_env_step()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.env is not None:
@@ -116,7 +119,7 @@ class EnvInteraction(Callback):
         if random:
             action = self.env.action_space.sample()
         else:
-            action = pl_module.act_on_host(self._obs[None], where=f"at env step {pl_module.env_steps + 1}")[0]
+            action = pl_module.act_on_host(self._obs[None], where=f"at env step {pl_module.env_steps + 1}", explore=True)[0]
         next_obs, reward, terminated, truncated, _ = self.env.step(action)
         trainer.datamodule.add(
             TensorDict(
