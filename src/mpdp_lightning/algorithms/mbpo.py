@@ -106,7 +106,8 @@ class MBPO(ModelBasedSAC):
 
     def default_updates_per_env_step(self) -> int:
         """MBPO's updates per env step for the task (20; halfcheetah 40)."""
-        return MBPO_TASKS.get(self.task, MBPOTaskSettings((0, 1, 1, 1), 0.0)).updates_per_env_step
+        settings = MBPO_TASKS.get(self.task)
+        return MBPOTaskSettings.updates_per_env_step if settings is None else settings.updates_per_env_step
 
     # ---- rollouts ------------------------------------------------------------------------------
     def train_world_model(self) -> dict[str, float]:
