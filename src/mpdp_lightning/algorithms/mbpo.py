@@ -3,7 +3,7 @@
 Per update: the model phase when due (ModelBasedSAC), followed by a fresh set of branched
 rollouts (``rollouts_per_env_step`` x ``model_train_every`` start states drawn from the real
 buffer, the current policy acting, the rollout length from the task's schedule) into the model
-replay, which keeps the rollouts of the last ``retain_fits`` fits; then SAC's update on a batch of
+replay, which keeps the rollouts of the last ``retain_epochs`` epochs; then SAC's update on a batch of
 ``real_ratio`` real and the rest model transitions. Only the policy improvement's data differs
 from SAC: the losses, nets and temperature are SAC's.
 """
