@@ -3,7 +3,7 @@ policy improvement through it (Algorithm 2 of the paper).
 
 Per update: the model phase when due (every ``model_train_every`` env steps), the critic update
 on real data (twin Q, targets with pi_0; D2), the H-step improvement of all actor heads in one
-backward (improvement.py; D1, D3, D4, D7), and the temperature when automatic, driven by pi_0's
+backward (objectives/h_step_improvement.py; D1, D3, D4, D7), and the temperature when automatic, driven by pi_0's
 entropy on the real start states (D5). Only pi_0 acts; evaluation and checkpoints expose it.
 """
 
