@@ -34,11 +34,12 @@ def _place(folder: Path) -> Place:
     return Place(ROOT / "conf", folder / "store", f"sqlite:///{folder / 'mlflow.db'}")
 
 
-def _run_sweep(folder: Path, sweep_file: Path, compare: bool = False) -> subprocess.CompletedProcess:
+def _run_sweep(folder: Path, sweep_file: Path, compare: bool = False, *more: str) -> subprocess.CompletedProcess:
     place = _place(folder)
     return subprocess.run(
         [sys.executable, "-m", "mpdp_lightning.experiments.sweep", str(sweep_file), "--conf", str(place.conf_dir),
-         "--storage", str(place.storage), "--tracking-uri", place.tracking_uri, *([] if compare else ["--no-compare"])],
+         "--storage", str(place.storage), "--tracking-uri", place.tracking_uri, *([] if compare else ["--no-compare"]),
+         *more],
         cwd=folder, capture_output=True, text=True, timeout=400,
     )
 
@@ -107,9 +108,10 @@ def test_a_bad_sweep_file_is_one_line(tmp_path, content, expected):
 def test_a_tiny_sweep_runs_its_trials_and_running_it_again_starts_none(tmp_path):
     pytest.importorskip("ray")
     sweep_file = _sweep_file(tmp_path)
-    first = _run_sweep(tmp_path, sweep_file)
+    first = _run_sweep(tmp_path, sweep_file, False, "--max-concurrent", "1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "2 trials: 0 finished, 0 to resume, 2 to start" in first.stdout
+    assert "(up to 1 at a time)" in first.stdout
 
     runs = _runs(tmp_path)
     assert [r.data.tags["trial"] for r in runs] == ["inverted_pendulum-sac-s0", "inverted_pendulum-sac-s1"]
@@ -117,6 +119,9 @@ def test_a_tiny_sweep_runs_its_trials_and_running_it_again_starts_none(tmp_path)
         assert run.info.status == "FINISHED"
         tags = run.data.tags
         assert (tags["task"], tags["algo"], tags["seed"], tags["sweep"]) == ("inverted_pendulum", "SAC", str(seed), "tiny")
+    # --max-concurrent 1: one trial after the other, never side by side
+    windows = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert windows[0][1] <= windows[1][0], windows
     assert all((tmp_path / "store" / r.data.tags["trial"] / "done.json").is_file() for r in runs)
 
     again = _run_sweep(tmp_path, sweep_file, compare=True)
@@ -168,3 +173,14 @@ def test_a_sweep_stopped_mid_trial_resumes_that_trial_from_its_checkpoint(tmp_pa
     (run,) = _runs(tmp_path)
     assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
     assert (place.trial_dir(trial) / "done.json").is_file()
+
+
+def test_a_bad_max_concurrent_is_refused_before_any_work(tmp_path, capsys):
+    sweep_file = _sweep_file(tmp_path)
+    from mpdp_lightning.experiments.sweep import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([str(sweep_file), "--max-concurrent", "0", "--storage", str(tmp_path / "store")])
+    assert stopped.value.code == 2
+    assert "--max-concurrent: must be a positive integer, got '0'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]

@@ -1,7 +1,8 @@
 """Sweeps on Ray Tune: every combination of task, algorithm, seed and override values is one
 trial that runs the very same LightningCLI training as ``make train``, into one MLflow experiment.
 
-    python -m mpdp_lightning.experiments.sweep conf/sweep/ip-sac-vs-mpdp.yaml [--dry-run] [-- extra CLI args]
+    python -m mpdp_lightning.experiments.sweep conf/sweep/ip-sac-vs-mpdp.yaml [--dry-run] [--max-concurrent N]
+        [-- extra CLI args]
 
 (``make sweep SWEEP=conf/sweep/<name>.yaml``). A trial is a subprocess ``python -m mpdp_lightning
 fit ...`` started by a Ray Tune function trainable, not the CLI called in the Ray worker: the CLI
@@ -289,8 +290,10 @@ def plan(sweep: Sweep, place: Place) -> dict[str, list[Trial]]:
     return state
 
 
-def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool = False) -> int:
-    """Run the sweep's unfinished trials on Ray Tune; the number of trials that did not finish."""
+def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool = False,
+        max_concurrent: Optional[int] = None) -> int:
+    """Run the sweep's unfinished trials on Ray Tune, at most ``max_concurrent`` at a time (default:
+    as many as the CPUs hold); the number of trials that did not finish."""
     preset = sweep.resolved_preset()
     state = plan(sweep, place)
     pending = state["resume"] + state["start"]
@@ -326,12 +329,14 @@ def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool =
         for trial in pending
     }
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.cpus_per_trial))
+    if max_concurrent is not None:
+        concurrent = min(concurrent, max_concurrent)
     print(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; "
           f"{sweep.cpus_per_trial} CPU and {gpus:g} GPU per trial (up to {concurrent} at a time)", flush=True)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(run_trial, specs=specs), {"cpu": sweep.cpus_per_trial, "gpu": gpus}),
         param_space={"trial": tune.grid_search(list(specs))},
-        tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["trial"],
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=lambda t: t.config["trial"],
                                     trial_dirname_creator=lambda t: t.config["trial"]),
         run_config=tune.RunConfig(name="tune", storage_path=str((place.storage / "ray").absolute()), verbose=1),
     )
@@ -347,6 +352,13 @@ def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool =
     return len(unfinished)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text) if text.strip().isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mpdp_lightning.experiments.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="a sweep file, e.g. conf/sweep/ip-sac-vs-mpdp.yaml")
@@ -358,6 +370,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "storage on a multi-node cluster)")
     parser.add_argument("--conf", default="conf", help="the project's config folder")
     parser.add_argument("--dry-run", action="store_true", help="print what would run (each trial's command) and stop")
+    parser.add_argument("--max-concurrent", type=_positive_int, default=None, metavar="N",
+                        help="run at most N trials at a time (default: as many as the CPUs hold), e.g. 1 to leave "
+                             "cores free for other work")
     parser.add_argument("--no-compare", action="store_true", help="skip the seed table and figures at the end")
     parser.add_argument("extra", nargs="*", help="after --: arguments added to every trial's command line")
     args = parser.parse_args(argv)
@@ -371,7 +386,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_writable_folder(storage, "the sweep's folder")
         check_tracking_uri(tracking_uri)
         place = Place(conf_dir, storage, tracking_uri)
-        unfinished = run(sweep, place, list(args.extra), Path.cwd(), dry_run=args.dry_run)
+        unfinished = run(sweep, place, list(args.extra), Path.cwd(), dry_run=args.dry_run,
+                         max_concurrent=args.max_concurrent)
         if not args.dry_run and not args.no_compare:
             compare_sweep(sweep, place)
     except MPDPError as error:
