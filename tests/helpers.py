@@ -140,3 +140,13 @@ class KillDuringCheckpointWrite(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if pl_module.env_steps == self.env_step:
             checkpoint["zz_kill"] = _KillOnPickle()
+
+
+class SaveWeightsAtEnd(Callback):
+    """Writes the module's state dict to ``path`` when training ends (for comparing two runs)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, self.path)

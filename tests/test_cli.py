@@ -35,6 +35,8 @@ BAD_INPUTS = {
     "negative COPlanner rate": (["--coplanner.optimistic_rate", "-1", *TINY_MPDP], "mpdp", "coplanner.optimistic_rate"),
     "odd video width": (["--video.width", "63"], "sac", "width must be a positive even number"),
     "gpu on a machine without one": (["--trainer.accelerator", "gpu"], "sac", "trainer: No supported gpu backend found"),
+    "CUDA graph on the CPU": (["--model.cuda_graph", "true"], "sac",
+                              "model.cuda_graph: a CUDA graph needs a CUDA device, and this run's is cpu"),
     "checkpoint folder under a file": (["--checkpoint.dirpath", "a_file/checkpoints"], "sac", "a_file is a file, not a folder"),
     "tracking server that is not there": (["--trainer.logger.init_args.tracking_uri", "http://127.0.0.1:9"], "sac",
                                           "no MLflow tracking server answers at http://127.0.0.1:9"),

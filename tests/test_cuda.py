@@ -1,41 +1,110 @@
-"""The CUDA path: whenever torch sees a GPU, updates run without a host synchronisation.
+"""The CUDA path: whenever torch sees a GPU, each update is captured once as a CUDA graph and
+replayed, trains as the eager update does, and runs without a host synchronisation.
 
 Skipped on machines without CUDA (CI's and the 2-core CPU machine); run wherever one is present.
+test_update_capture.py checks the captured function's contract on any machine.
 """
 
 import pytest
 import torch
+from tensordict import TensorDict
 
 from helpers import fit_args
-from mpdp_lightning.cli import main
+from mpdp_lightning.algorithms.mpdp import MPDP
 from mpdp_lightning.algorithms.sac import SAC
+from mpdp_lightning.cli import main
+from mpdp_lightning.training.cuda_graph import CapturedUpdate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 TINY = ("--model.ensemble_size", "3", "--model.num_elites", "2", "--model.model_hidden", "32",
         "--model.model_layers", "2", "--model.model_train_every", "100", "--model.model_max_epochs", "2",
         "--model.horizon", "3", "--env_interaction.updates_per_env_step", "2")
+WARMUP = 3  # CapturedUpdate's eager calls; the next call captures
 
 
-@pytest.mark.parametrize("algo", ["sac", "mpdp"])
-def test_updates_never_synchronise_with_the_host(in_tmp, monkeypatch, algo):
-    # Every update (batch draw, critic, policy improvement, temperature, their optimizer steps and
-    # metrics) runs under sync debug mode "error": a .item(), a nonzero, a blocking copy raises.
-    # Env steps and model fits (every 100 env steps here) stay outside, as in a run.
-    update = SAC.training_step
-    updates = []
+@pytest.mark.parametrize("algo", ["sac", "mpdp", "mbpo"])
+def test_updates_are_replayed_from_a_cuda_graph_and_never_synchronise_with_the_host(in_tmp, monkeypatch, algo):
+    # Every update after the capture (batch draw, graph replay, metrics) runs under sync debug
+    # mode "error": a .item(), a nonzero, a blocking copy raises. Env steps and model fits
+    # (every 100 env steps here) stay outside, as in a run.
+    step = SAC.training_step
+    strict = []
 
-    def strict_update(self, batch, batch_idx):
-        if self.updates < 2:  # warm-up: the compiled improvement's first calls compile (and autotune)
-            return update(self, batch, batch_idx)
+    def strict_step(self, batch, batch_idx):
+        if self.updates <= WARMUP:  # the eager warm-up calls and the capture
+            return step(self, batch, batch_idx)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            update(self, batch, batch_idx)
+            step(self, batch, batch_idx)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        updates.append(self.updates)
+        strict.append(self.captured_update is not None and self.captured_update.captured)
 
-    monkeypatch.setattr(SAC, "training_step", strict_update)
-    extra = TINY if algo == "mpdp" else ()
+    monkeypatch.setattr(SAC, "training_step", strict_step)
+    extra = TINY if algo != "sac" else ()
     main(fit_args("hopper", 200, "--trainer.accelerator", "gpu", "--trainer.devices", "1", *extra, algo=algo))
-    assert len(updates) >= 90  # strict updates (100 env steps after the warm-up)
+    assert len(strict) >= 90 and all(strict)  # every strict update was a replay
+
+
+def _module(graph: bool) -> MPDP:
+    """A small MPDP on the GPU with plain optimizers, outside a Trainer, as setup() makes it."""
+    torch.manual_seed(0)
+    module = MPDP("hopper", hidden=32, layers=2, ensemble_size=3, num_elites=2, model_hidden=32, model_layers=2,
+                  horizon=3, auto_alpha=True, compile=False).cuda()
+    module._direct_steps = True
+    module.captured_update = CapturedUpdate(module.update, warmup=WARMUP) if graph else None
+    optimizers = module.configure_optimizers()  # capturable where captured
+    module.optimizers = lambda: optimizers
+    return module
+
+
+def _batches(n: int, size: int = 64) -> list[TensorDict]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        TensorDict(
+            obs=torch.randn(size, 11, generator=generator),
+            action=torch.rand(size, 3, generator=generator) * 2 - 1,
+            reward=torch.randn(size, generator=generator),
+            next_obs=torch.randn(size, 11, generator=generator),
+            terminated=torch.rand(size, generator=generator) < 0.1,
+            batch_size=[size],
+        ).cuda()
+        for _ in range(n)
+    ]
+
+
+def test_a_captured_update_trains_as_the_eager_one_and_sees_a_refitted_model():
+    """The same weights, batches and random draws (the generator reseeded before each update:
+    a replay draws from its current seed and offset as the eager kernels do): the same weights
+    after every update, including after the world model changes in place between two updates,
+    as a model fit changes it."""
+    batches = _batches(8)
+    results = []
+    for graph in (False, True):
+        module = _module(graph)
+        losses = []
+        for i, batch in enumerate(batches):
+            if i == 5:  # a "fit": new weights and elites, in the same tensors
+                with torch.no_grad():
+                    for p in module.world_model.parameters():
+                        p.mul_(1.05)
+                    module.world_model.elites.copy_(torch.tensor([2, 0]))
+            torch.cuda.manual_seed(100 + i)
+            metrics = module.captured_update(batch) if graph else module.update(batch)
+            losses.append(torch.stack([metrics["train/critic_loss"], metrics["train/actor_loss"]]).cpu())
+        if graph:
+            assert module.captured_update.captured and module.captured_update.calls == len(batches)
+        results.append((torch.stack(losses), {k: v.detach().cpu() for k, v in module.state_dict().items()}))
+    (eager_losses, eager_weights), (graph_losses, graph_weights) = results
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-4, atol=1e-5)
+    for name, value in eager_weights.items():
+        torch.testing.assert_close(graph_weights[name], value, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name)
+
+
+def test_compacted_rows_cannot_be_captured(in_tmp, capsys):
+    with pytest.raises(SystemExit):
+        main(fit_args("hopper", 200, "--trainer.accelerator", "gpu", "--trainer.devices", "1", *TINY,
+                      "--model.cuda_graph", "true", "--model.compact_rows", "true", algo="mpdp"))
+    assert "model.cuda_graph: model.compact_rows true counts the live rows" in capsys.readouterr().err
+    assert list(in_tmp.iterdir()) == []

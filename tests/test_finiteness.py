@@ -17,30 +17,35 @@ def test_nothing_non_finite_reads_none():
     guard = NonFiniteGuard(PHASES)
     for update in range(3):
         for phase in PHASES:
-            guard.record(phase, update, torch.tensor(1.0), _ok())
+            guard.record(phase, torch.tensor(1.0), _ok())
+        guard.advance()
     assert guard.first() is None
 
 
 def test_an_earlier_update_wins_over_an_earlier_phase():
     guard = NonFiniteGuard(PHASES)
-    guard.record("critic", 3, torch.tensor(1.0), _ok())
-    guard.record("temperature", 3, torch.tensor(INF), _ok())  # the temperature broke in update 3 ...
-    guard.record("critic", 4, torch.tensor(NAN), _ok())  # ... and the critic, which runs first, in update 4
-    guard.record("actor", 4, torch.tensor(NAN), _ok())
+    guard.start_at(3)
+    guard.record("critic", torch.tensor(1.0), _ok())
+    guard.record("temperature", torch.tensor(INF), _ok())  # the temperature broke in update 3 ...
+    guard.advance()
+    guard.record("critic", torch.tensor(NAN), _ok())  # ... and the critic, which runs first, in update 4
+    guard.record("actor", torch.tensor(NAN), _ok())
     first = guard.first()
     assert (first.phase, first.update, first.what) == ("temperature", 3, "loss became inf")
 
 
 def test_within_an_update_the_phase_that_runs_first_wins():
     guard = NonFiniteGuard(PHASES)
-    guard.record("actor", 7, torch.tensor(NAN), _ok())
-    guard.record("critic", 7, torch.tensor(NAN), _ok())
+    guard.start_at(7)
+    guard.record("actor", torch.tensor(NAN), _ok())
+    guard.record("critic", torch.tensor(NAN), _ok())
     assert (guard.first().phase, guard.first().what) == ("critic", "loss became nan")
 
 
 def test_parameters_broken_by_a_step_with_a_finite_loss():
     guard = NonFiniteGuard(PHASES)
-    guard.record("temperature", 2, torch.tensor(0.5), [torch.tensor([1.0, NAN])])
+    guard.start_at(2)
+    guard.record("temperature", torch.tensor(0.5), [torch.tensor([1.0, NAN])])
     first = guard.first()
     assert (first.phase, first.update, first.what) == ("temperature", 2, "parameters became non-finite")
 

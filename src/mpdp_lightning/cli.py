@@ -177,6 +177,11 @@ class MPDPCLI(LightningCLI):
         finally:
             if deferred:
                 config.trainer.logger = logger_config
+        graph_problem = getattr(self.model, "cuda_graph_problem", None)
+        if graph_problem is not None and self.model.hparams.get("cuda_graph"):
+            problem = graph_problem(self.trainer.strategy.root_device, self.trainer.precision)
+            if problem:
+                raise MPDPError(f"model.cuda_graph: {problem}")
         checkpoint = find_callback(self.trainer, EnvStepCheckpoint)
         if checkpoint is not None:
             folder = checkpoint.dirpath or Path(self.trainer.default_root_dir) / "checkpoints"

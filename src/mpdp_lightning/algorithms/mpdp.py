@@ -49,7 +49,7 @@ class MPDP(ModelBasedSAC):
         compact_rows: imagine only the rows still alive at each step, so rows that have stopped
             cost nothing (the same loss and gradients as masking them, up to rounding); finding
             them reads the device a few times per step, free on the CPU and a synchronisation
-            on CUDA. None: on the CPU only.
+            on CUDA, and not capturable in a CUDA graph. None: on the CPU only.
     """
 
     def __init__(
@@ -82,6 +82,12 @@ class MPDP(ModelBasedSAC):
         self.horizon_history: dict[int, list[int]] = {}
         self._sac_windows = 0  # consecutive log windows in which every row stopped at its first step
 
+    def cuda_graph_problem(self, device: torch.device, precision: str) -> Optional[str]:
+        problem = super().cuda_graph_problem(device, precision)
+        if problem is None and self.hparams.compact_rows:
+            problem = "model.compact_rows true counts the live rows on the host at every imagined step; leave it unset on CUDA"
+        return problem
+
     def planning_action(self, obs: torch.Tensor, step: int) -> torch.Tensor:
         """Head ``step`` (the last head beyond H): each head is trained for its step of an imagined
         rollout from real states, which is what a planner's rollout is."""
@@ -99,12 +105,11 @@ class MPDP(ModelBasedSAC):
         if self.improvement.threshold == "anchored":
             self.threshold_anchor.copy_(result.diagnostics["u_threshold"])  # on the device: no sync
         actor_optimizer = self.optimizer("actor")
-        actor_optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(result.loss)
+        self.backward_into(actor_optimizer, result.loss)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.actor.parameters() if p.grad is not None])
         if self.hparams.head_grad_clip is not None:
-            self.clip_gradients(actor_optimizer, gradient_clip_val=self.hparams.head_grad_clip, gradient_clip_algorithm="norm")
-        actor_optimizer.step()
+            self.clip_grad_norm(actor_optimizer, self.hparams.head_grad_clip)
+        self.step_optimizer(actor_optimizer)
         self.check_phase("actor", result.loss, actor_optimizer)
         # scatter_add rather than bincount, which synchronises with the host on CUDA to size its output
         self.horizon_counts.scatter_add_(0, result.horizon, torch.ones_like(result.horizon))

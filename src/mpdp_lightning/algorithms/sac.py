@@ -7,6 +7,12 @@ is one update on a batch sampled from it.
 
 The clock is ``env_steps`` (advanced by the EnvInteraction callback) and the update count is
 ``updates``; both are saved in the checkpoint.
+
+One update (``update``) is device work only, so that on CUDA it is captured once as a CUDA graph
+and replayed (``cuda_graph``, training/cuda_graph.py): its backward passes and optimizer steps
+then go to torch directly rather than through Lightning's wrappers, which would run only once,
+at capture. With 32-bit or bf16 precision those wrappers add hooks and step counting, not maths,
+so ``trainer.global_step`` does not count captured steps (``updates`` does).
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from tensordict import TensorDictBase
 
+from mpdp_lightning.training.cuda_graph import CapturedUpdate
 from mpdp_lightning.training.data import PendingBatch, drawn
-from mpdp_lightning.errors import NonFiniteLossError
+from mpdp_lightning.errors import MPDPError, NonFiniteLossError
 from mpdp_lightning.training.finiteness import NonFiniteGuard, non_finite_parameters
 from mpdp_lightning.training.metrics import MetricAccumulator, PhaseTimer
 from mpdp_lightning.models.policy import SquashedGaussianHeads, Temperature, TwinQ
@@ -30,6 +37,10 @@ from mpdp_lightning.envs.tasks import get_task, task_spaces
 
 # The fused Adam kernel (CPU and CUDA) updates all of an optimizer's tensors in one call.
 ADAM = {"fused": True}
+
+# Precisions whose Lightning plugin reads the device in every step (the fp16 loss scaler skips
+# steps with inf gradients, decided on the host): not capturable.
+HOST_STEPPED_PRECISIONS = ("16-mixed", "16", "16-true", "transformer-engine", "transformer-engine-float16")
 
 # The phases of one update, in the order they run: the NaN/inf guard names the first that broke.
 PHASES = ("model", "critic", "actor", "temperature")
@@ -54,6 +65,9 @@ class SAC(pl.LightningModule):
         auto_alpha: tune alpha towards ``target_entropy`` (SAC v2) instead of keeping it fixed.
         alpha_lr: Adam learning rate of log(alpha) when ``auto_alpha``.
         target_entropy: entropy target for ``auto_alpha``; None means -(action dimensions).
+        cuda_graph: capture the whole update (critic, policy improvement, temperature and their
+            optimizer steps) once as a CUDA graph and replay it; None: wherever it can be (a
+            CUDA device, a precision other than fp16, see ``cuda_graph_problem``).
     """
 
     def __init__(
@@ -70,6 +84,7 @@ class SAC(pl.LightningModule):
         auto_alpha: bool = False,
         alpha_lr: PositiveFloat = 3e-4,
         target_entropy: Optional[float] = None,
+        cuda_graph: Optional[bool] = None,
     ) -> None:
         super().__init__()
         get_task(task)  # an unknown name fails here, before any net is built
@@ -95,6 +110,8 @@ class SAC(pl.LightningModule):
         self.train_metrics = MetricAccumulator()
         self.timer = PhaseTimer()
         self.guard = NonFiniteGuard(PHASES)
+        self.captured_update: Optional[CapturedUpdate] = None  # set in setup() where it applies
+        self._direct_steps = False  # backward and optimizer steps bypass Lightning (graph capture)
 
     def build_actor(self, heads: int) -> SquashedGaussianHeads:
         """``heads`` squashed-Gaussian policies sized for the task (SAC: 1; MPDP: H)."""
@@ -139,11 +156,31 @@ class SAC(pl.LightningModule):
             self.raise_if_not_finite(" ".join(filter(None, ("pi_0's action", where, f"was {shown.tolist()}"))))
         return actions
 
+    # ---- the CUDA graph -----------------------------------------------------------------
+    def cuda_graph_problem(self, device: torch.device, precision: str) -> Optional[str]:
+        """Why the update cannot be captured as a CUDA graph on ``device`` at ``precision``, or None."""
+        if device.type != "cuda":
+            return f"a CUDA graph needs a CUDA device, and this run's is {device.type}"
+        if str(precision) in HOST_STEPPED_PRECISIONS:
+            return f"precision {precision} scales the loss and skips steps from the host; use 32-true or bf16-mixed"
+        return None
+
+    def setup(self, stage: str) -> None:
+        wanted = self.hparams.get("cuda_graph")
+        problem = self.cuda_graph_problem(self.trainer.strategy.root_device, self.trainer.precision)
+        if wanted and problem:  # the CLI says so before any work; this is for direct Trainer use
+            raise MPDPError(f"model.cuda_graph: {problem}")
+        if (wanted is None and problem is None) or wanted:
+            self.captured_update = CapturedUpdate(self.update)
+            self._direct_steps = True  # warm-up calls too: the same code as the captured one
+
     # ---- optimisation -------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         groups = self.optimizer_groups()
         self._optimizer_index = {name: i for i, name in enumerate(groups)}
-        return [torch.optim.Adam(params, lr=lr, **ADAM) for params, lr in groups.values()]
+        # capturable: the step count stays on the device, so a CUDA graph can hold the steps
+        capturable = self.captured_update is not None
+        return [torch.optim.Adam(params, lr=lr, capturable=capturable, **ADAM) for params, lr in groups.values()]
 
     def optimizer_groups(self) -> dict[str, tuple[list[torch.nn.Parameter], float]]:
         """name -> (parameters, learning rate), one Adam optimizer each; subclasses add theirs."""
@@ -162,16 +199,37 @@ class SAC(pl.LightningModule):
 
     def _step(self, optimizer: Any, loss: torch.Tensor, phase: Optional[str] = None) -> None:
         """One optimizer step on ``loss``; with ``phase``, the guard checks its loss and parameters."""
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        optimizer.step()
+        self.backward_into(optimizer, loss)
+        self.step_optimizer(optimizer)
         if phase is not None:
             self.check_phase(phase, loss, optimizer)
+
+    def backward_into(self, optimizer: Any, loss: torch.Tensor) -> None:
+        """Gradients of ``loss`` into ``optimizer``'s parameters, cleared first (Lightning's
+        ``manual_backward``, or torch's own inside a CUDA graph)."""
+        optimizer.zero_grad(set_to_none=True)
+        if self._direct_steps:
+            loss.backward()
+        else:
+            self.manual_backward(loss)
+
+    def clip_grad_norm(self, optimizer: Any, max_norm: float) -> None:
+        if self._direct_steps:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+    def step_optimizer(self, optimizer: Any) -> None:
+        if self._direct_steps:
+            getattr(optimizer, "optimizer", optimizer).step()  # under Lightning's wrapper
+        else:
+            optimizer.step()
 
     def check_phase(self, phase: str, loss: torch.Tensor, optimizer: Any) -> None:
         """Record whether ``phase``'s loss and the parameters ``optimizer`` just stepped are finite."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.guard.record(phase, self.updates, loss, params)
+        self.guard.record(phase, loss, params)
 
     def update_critic(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         critic_opt = self.optimizer("critic")
@@ -204,8 +262,10 @@ class SAC(pl.LightningModule):
         """The update's transitions (MBPO mixes in model rollouts here)."""
         return drawn(batch)
 
-    def training_step(self, batch: Union[PendingBatch, TensorDictBase], batch_idx: int) -> None:
-        batch = self.draw_batch(batch)  # sampled now: after this update's env step and model fit
+    def update(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
+        """One update on ``batch``: critic, policy improvement, temperature, each with its
+        optimizer step; device work only, returning detached scalar metrics (what a CUDA graph
+        captures, see training/cuda_graph.py)."""
         with self.timer.phase("critic"):
             metrics = self.update_critic(batch)
         with self.timer.phase("policy"):
@@ -213,7 +273,17 @@ class SAC(pl.LightningModule):
         with self.timer.phase("temperature"):
             metrics.update(self.update_temperature(log_prob))
         metrics.update(policy_metrics)
-        self.train_metrics.add(metrics)
+        self.guard.advance()
+        return metrics
+
+    def training_step(self, batch: Union[PendingBatch, TensorDictBase], batch_idx: int) -> None:
+        batch = self.draw_batch(batch)  # sampled now: after this update's env step and model fit
+        if self.captured_update is not None:
+            with self.timer.phase("update"), self.timer.paused():  # phases inside are not timed
+                metrics = self.captured_update(batch)
+        else:
+            metrics = self.update(batch)
+        self.train_metrics.add(metrics)  # copies them: a replay overwrites the graph's outputs
         self.timer.count_update()
         self.updates += 1
 
@@ -252,3 +322,4 @@ class SAC(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.env_steps = int(checkpoint["counters"]["env_steps"])
         self.updates = int(checkpoint["counters"]["updates"])
+        self.guard.start_at(self.updates)

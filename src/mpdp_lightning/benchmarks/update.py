@@ -9,6 +9,9 @@ side by side:
 - each phase of one update (critic, policy improvement, temperature: loss, backward and Adam
   step, as the module runs them), the improvement in every way it can run: eager or compiled,
   masked or compacted rows (the same loss and gradients, tested);
+- the whole update (the three phases in a row, rows masked on CUDA and compacted on the CPU, as
+  the module runs them), eager and compiled, and on CUDA also replayed from a CUDA graph
+  (training/cuda_graph.py, the module's default there);
 - one model fit's epoch at each of ``--fit-rows`` buffer rows (timed over ``--fit-steps``
   minibatches and scaled to the epoch; the per-epoch holdout pass is left out);
 - FLOPs of each (torch.utils.flop_counter: the matmuls, forward and backward) and the achieved
@@ -36,12 +39,15 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tensordict import TensorDict
+
 from mpdp_lightning.benchmarks.common import random_transitions, timed
 from mpdp_lightning.objectives.h_step_improvement import ImaginationNoise, ImprovementSettings, extended_improvement
 from mpdp_lightning.models.policy import SquashedGaussianHeads, Temperature, TwinQ
 from mpdp_lightning.objectives.sac_losses import actor_loss, critic_loss, temperature_loss
 from mpdp_lightning.envs.tasks import get_task, task_spaces
 from mpdp_lightning.models.world_model import GaussianEnsemble, fit_ensemble, nll_loss
+from mpdp_lightning.training.cuda_graph import CapturedUpdate
 
 ADAM = {"fused": True}
 
@@ -61,12 +67,13 @@ class Shapes:
     updates_per_env_step: int
     hidden: int = 256
     layers: int = 2
+    auto_alpha: bool = True  # a temperature step in each update (the paper preset's alpha is fixed)
 
 
 CONFIGS = {
     "sac": Shapes("sac", "walker2d", 256, 0, 0, 0, 0, 0, 1),
     "mpdp-quick": Shapes("mpdp-quick", "inverted_pendulum", 128, 10, 5, 3, 128, 3, 1),
-    "mpdp-paper": Shapes("mpdp-paper", "walker2d", 256, 25, 7, 5, 200, 4, 20),
+    "mpdp-paper": Shapes("mpdp-paper", "walker2d", 256, 25, 7, 5, 200, 4, 20, auto_alpha=False),
 }
 
 
@@ -102,20 +109,22 @@ class UpdateBench:
         self.critic = TwinQ(obs_dim, act_dim, shapes.hidden, shapes.layers).to(device)
         self.critic_target = TwinQ(obs_dim, act_dim, shapes.hidden, shapes.layers).to(device).requires_grad_(False)
         self.temperature = Temperature(0.2, learnable=True).to(device)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=3e-4, **ADAM)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=3e-4, **ADAM)
-        self.alpha_opt = torch.optim.Adam([self.temperature.log_alpha], lr=3e-4, **ADAM)
+        adam = {**ADAM, "capturable": device.type == "cuda"}  # as the module's with a CUDA graph
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=3e-4, **adam)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=3e-4, **adam)
+        self.alpha_opt = torch.optim.Adam([self.temperature.log_alpha], lr=3e-4, **adam)
         inputs, targets = random_transitions(shapes.task, max(2000, shapes.batch))
         inputs, targets = inputs.to(device), targets.to(device)
         obs, action = inputs[:, :obs_dim], inputs[:, obs_dim:]
         rows = torch.randperm(inputs.shape[0], device=device)[: shapes.batch]
-        self.batch = {
-            "obs": obs[rows],
-            "action": action[rows],
-            "reward": targets[rows, -1],
-            "next_obs": obs[rows] + targets[rows, :obs_dim],
-            "terminated": torch.zeros(shapes.batch, dtype=torch.bool, device=device),
-        }
+        self.batch = TensorDict(
+            obs=obs[rows],
+            action=action[rows],
+            reward=targets[rows, -1],
+            next_obs=obs[rows] + targets[rows, :obs_dim],
+            terminated=torch.zeros(shapes.batch, dtype=torch.bool, device=device),
+            batch_size=[shapes.batch],
+        )
         self.target_entropy = -float(act_dim)
         self.model: Optional[GaussianEnsemble] = None
         self.first_horizon: Optional[float] = None  # mean horizon of the first improvement since restore
@@ -171,6 +180,20 @@ class UpdateBench:
         loss.backward()
         self.alpha_opt.step()
 
+    def whole_update(self, compiled: bool = False) -> Callable[[TensorDict], dict[str, torch.Tensor]]:
+        """One update as the module runs it, as a function of the batch (what a CUDA graph captures)."""
+        compact = self.device.type == "cpu"
+
+        def update(batch: TensorDict) -> dict[str, torch.Tensor]:
+            self.batch = batch
+            self.critic_phase()
+            log_prob = self.policy_phase(compact, compiled)
+            if self.shapes.auto_alpha:
+                self.temperature_phase(log_prob)
+            return {"log_prob": log_prob.detach().mean()}
+
+        return update
+
 
 def improvement_modes(compile_modes: bool) -> list[tuple[str, bool, bool]]:
     """(label, compact, compiled): masked and compacted rows, eager and (if asked) compiled."""
@@ -201,16 +224,31 @@ def bench_config(shapes: Shapes, device: torch.device, repeats: int, compile_mod
 
     record("critic", bench.critic_phase)
     record("temperature", lambda: bench.temperature_phase(log_prob))
+    start = bench.snapshot()
     if shapes.horizon == 0:
         record("improvement", bench.policy_phase)
     else:
-        start = bench.snapshot()
         for label, compact, compiled in improvement_modes(compile_modes):
             bench.restore(start)  # every mode from the same weights: the same rows stop
             entry = record(f"improvement, {label}", lambda c=compact, k=compiled: bench.policy_phase(c, k),
                            lambda c=compact: bench.policy_phase(c, False))
             entry["mean_horizon"] = bench.first_horizon
+    batch = bench.batch
+    for label, compiled, graph in update_modes(device, compile_modes and shapes.horizon > 0):
+        bench.restore(start)
+        update = bench.whole_update(compiled)
+        run = CapturedUpdate(update) if graph else update
+        # warm-up: the graph's eager calls and its capture (a compiled step's cold compile first)
+        record(f"update, {label}", lambda: run(batch), lambda: bench.whole_update(False)(batch), warmup=4)
     return out
+
+
+def update_modes(device: torch.device, compiled: bool) -> list[tuple[str, bool, bool]]:
+    """(label, compiled, CUDA graph) of the whole update on ``device``."""
+    modes = [("eager", False, False)] + ([("compiled", True, False)] if compiled else [])
+    if device.type == "cuda":
+        modes += [("CUDA graph", False, True)] + ([("compiled, CUDA graph", True, True)] if compiled else [])
+    return modes
 
 
 def bench_fit(shapes: Shapes, device: torch.device, rows: list[int], steps: int) -> dict[int, dict]:
@@ -282,11 +320,12 @@ def format_report(report: dict) -> str:
             horizon = f"{e['mean_horizon']:.2f}" if "mean_horizon" in e else ""
             lines.append(f"| {name} | {e['ms']:.2f} | {e['gflop']:.3f} | {e['gflops_per_s']:.1f} | "
                          f"{e['gflops_per_s'] / mm['gflops_per_s']:.0%} | {e['first_call_s']:.1f} | {horizon} |")
-        base = result["phases"].get("improvement, eager masked")
-        if base:
-            for name, e in result["phases"].items():
-                if name.startswith("improvement, ") and e is not base:
-                    lines.append(f"- {name[13:]}: {base['ms'] / e['ms']:.2f}x the speed of eager masked")
+        for prefix, reference in (("improvement, ", "eager masked"), ("update, ", "eager")):
+            base = result["phases"].get(prefix + reference)
+            if base:
+                for name, e in result["phases"].items():
+                    if name.startswith(prefix) and e is not base:
+                        lines.append(f"- {name}: {base['ms'] / e['ms']:.2f}x the speed of {prefix}{reference}")
         lines.append("")
     if report.get("fit"):
         lines.append("## model fit, one epoch (paper ensemble)")
@@ -297,7 +336,7 @@ def format_report(report: dict) -> str:
                          f"{e['epoch_gflop']:.0f} | {e['gflops_per_s']:.1f} |")
         lines.append("")
     for name, p in report.get("projection", {}).items():
-        lines.append(f"- walker2d, paper preset, improvement {name}: {p['env_steps_per_hour']:.0f} env steps/h "
+        lines.append(f"- walker2d, paper preset, {name}: {p['env_steps_per_hour']:.0f} env steps/h "
                      f"({p['hours']:.1f} h for {report['run_steps']} env steps; model fits {p['fit_share']:.0%} of it, "
                      f"{p['fit_share_at_50k']:.0%} at 50k and {p['fit_share_at_200k']:.0%} at 200k env steps; "
                      f"{report['fit_epochs']} epochs per fit)")
@@ -346,8 +385,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if paper is not None:
             others = paper["phases"]["critic"]["ms"]  # the paper preset's alpha is fixed: no temperature step
             report["projection"] = {
-                name[13:]: walker2d_projection(others + e["ms"], report["fit"], args.run_steps, args.fit_epochs)
-                for name, e in paper["phases"].items() if name.startswith("improvement, ")
+                name: walker2d_projection(e["ms"] + (others if name.startswith("improvement, ") else 0.0),
+                                          report["fit"], args.run_steps, args.fit_epochs)
+                for name, e in paper["phases"].items() if name.startswith(("improvement, ", "update, "))
             }
     text = format_report(report)
     print("\n" + text)

@@ -5,7 +5,9 @@ actor loss, so by the time anyone looks every phase is broken and naming the fir
 names the wrong culprit. Each phase therefore records, right after its optimizer step, whether its
 loss and its parameters are still finite; the guard keeps the smallest (update, phase) at which one
 was not. Recording is a few device ops and no host sync; reading (``first``) syncs once, so it is
-done at log points, before checkpoints and when an action comes out non-finite.
+done at log points, before checkpoints and when an action comes out non-finite. The update index
+is a device counter too (``advance`` at the end of each update), so a CUDA graph that captures an
+update records the right index at every replay instead of the one it was captured at.
 """
 
 from __future__ import annotations
@@ -37,15 +39,25 @@ class NonFiniteGuard(nn.Module):
         self.phases = tuple(phases)
         # code = ((update * phases) + phase) * kinds + kind; NEVER while everything is finite
         self.register_buffer("code", torch.tensor(NEVER, dtype=torch.int64), persistent=False)
+        self.register_buffer("update", torch.zeros((), dtype=torch.int64), persistent=False)
 
     @torch.no_grad()
-    def record(self, phase: str, update: int, loss: torch.Tensor, parameters: Iterable[torch.Tensor]) -> None:
+    def advance(self) -> None:
+        """The current update is over: the next records belong to the next one (on the device)."""
+        self.update.add_(1)
+
+    def start_at(self, update: int) -> None:
+        """Set the update index from the host (a resumed run)."""
+        self.update.fill_(update)
+
+    @torch.no_grad()
+    def record(self, phase: str, loss: torch.Tensor, parameters: Iterable[torch.Tensor]) -> None:
         loss = loss.detach().float()
         params = [p.detach() for p in parameters]
         params_finite = torch.isfinite(torch.nn.utils.get_total_norm(params)) if params else torch.ones((), dtype=torch.bool, device=loss.device)
         kind = torch.where(torch.isnan(loss), 0, torch.where(torch.isinf(loss), 1, 2))
         bad = ~(torch.isfinite(loss) & params_finite)
-        base = (update * len(self.phases) + self.phases.index(phase)) * len(KINDS)
+        base = (self.update * len(self.phases) + self.phases.index(phase)) * len(KINDS)
         self.code.copy_(torch.where(bad, torch.minimum(self.code, base + kind), self.code))
 
     def first(self) -> Optional[FirstNonFinite]:

@@ -71,14 +71,28 @@ class PhaseTimer:
     def __init__(self) -> None:
         self._seconds: dict[str, float] = {}
         self._updates = 0
+        self._paused = False
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        if self._paused:
+            yield
+            return
         start = time.perf_counter()
         try:
             yield
         finally:
             self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Phases inside are not timed (a CUDA graph's update is timed whole: its phases run once,
+        at capture)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def count_update(self) -> None:
         self._updates += 1

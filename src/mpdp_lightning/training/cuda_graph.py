@@ -1,0 +1,83 @@
+"""One update captured once as a CUDA graph and replayed: PyTorch's whole-network capture
+(``torch.cuda.graphs``), with the optimizer steps inside, as LeanRL does for SAC.
+
+Eager, an MPDP update at the paper's shapes issues about 6,400 kernels, and on a GPU its time is
+the time to launch them; a replay launches them all at once. What the captured function must be
+(``SAC.update`` is written so, and ``tests/host_sync.py`` checks the first two on any device):
+
+- device work only: no ``.item()``, no tensor read on the host, no shape that depends on data
+  (MPDP's compacted rows are therefore refused with a graph);
+- no host state that changes between updates read inside: a replay repeats the kernels with the
+  values they had at capture (the update index the NaN guard records is a device counter);
+- the same tensors every time: the batch is copied into the graph's own input tensors; weights,
+  optimizer states and buffers change in place (a model fit copies into the same tensors);
+- optimizers built with ``capturable=True`` (Adam's step count on the device).
+
+The first ``warmup`` calls run eagerly on a side stream, as PyTorch's recipe asks: they allocate
+the gradients' and optimizer states' memory and compile the compiled parts, none of which may
+happen while capturing. The random draws inside (actions, model samples) come from the default
+CUDA generator, whose state a captured graph advances at every replay.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from tensordict import TensorDictBase
+
+Update = Callable[[TensorDictBase], dict[str, torch.Tensor]]
+
+
+class CapturedUpdate:
+    """Call it as the update itself: ``metrics = captured(batch)``.
+
+    The returned metrics are the graph's own output tensors: a replay overwrites them, so read or
+    copy them before the next call (``MetricAccumulator.add`` copies them).
+
+    Args:
+        update: one whole update on a batch, returning detached scalar metrics.
+        warmup: eager calls before the capture (at least 1).
+    """
+
+    def __init__(self, update: Update, warmup: int = 3) -> None:
+        if warmup < 1:
+            raise ValueError(f"warmup must be at least 1, got {warmup}")
+        self.update = update
+        self.warmup = warmup
+        self.calls = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self._side_stream: Optional[torch.cuda.Stream] = None
+        self._batch: Optional[TensorDictBase] = None
+        self._metrics: dict[str, torch.Tensor] = {}
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
+        device = batch["obs"].device
+        if device.type != "cuda":
+            raise ValueError(f"a CUDA graph captures CUDA work; the batch is on {device}")
+        self.calls += 1
+        if self.graph is not None:
+            self._batch.copy_(batch)  # into the tensors the graph reads
+            self.graph.replay()
+            return self._metrics
+        current = torch.cuda.current_stream(device)
+        if self.calls <= self.warmup:
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(device)
+            self._side_stream.wait_stream(current)
+            with torch.cuda.stream(self._side_stream):
+                metrics = self.update(batch)
+            current.wait_stream(self._side_stream)
+            return metrics
+        self._batch = batch.clone()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA calls of other threads (loggers) are not this capture's business
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._metrics = self.update(self._batch)
+        self.graph = graph
+        graph.replay()  # capturing ran nothing: this is the call's update
+        return self._metrics

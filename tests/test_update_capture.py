@@ -1,0 +1,78 @@
+"""The update a CUDA graph captures, checked on any machine: it never waits on the host (the
+NoHostSync stand-in for CUDA's sync debug mode), and taking its backward passes and optimizer
+steps directly from torch, as the captured update does, changes nothing against Lightning's
+wrappers. test_cuda.py checks the capture itself wherever CUDA is present."""
+
+import pytest
+import torch
+
+from helpers import fit_args
+from host_sync import HostSyncError, NoHostSync
+from mpdp_lightning.algorithms.sac import SAC
+from mpdp_lightning.cli import main
+
+TINY_MPDP = ("--model.ensemble_size", "3", "--model.num_elites", "2", "--model.model_hidden", "32",
+             "--model.model_layers", "2", "--model.model_train_every", "100", "--model.model_max_epochs", "2",
+             "--model.horizon", "3", "--env_interaction.updates_per_env_step", "2")
+# the CUDA configuration: rows masked, not compacted; the anchored rule and the heads' clip too
+CUDA_LIKE_MPDP = (*TINY_MPDP, "--model.compact_rows", "false", "--model.threshold", "anchored",
+                  "--model.head_grad_clip", "1.0")
+
+
+def _direct_steps(monkeypatch):
+    """Runs take their steps as a captured update does (on the CPU, without the capture)."""
+    setup = SAC.setup
+
+    def direct_setup(self, stage):
+        setup(self, stage)
+        self._direct_steps = True
+
+    monkeypatch.setattr(SAC, "setup", direct_setup)
+
+
+def test_no_host_sync_catches_what_would_wait_for_a_gpu():
+    x = torch.randn(8)
+    for read in (lambda: x.sum().item(), lambda: bool(x.max() > 0), lambda: x[x > 0], lambda: x.nonzero()):
+        with pytest.raises(HostSyncError), NoHostSync():
+            read()
+    with NoHostSync():  # device work alone passes, a quantile at a float q included
+        torch.where(x > 0, x, 0.0).sum() + torch.quantile(x, 0.9)
+
+
+@pytest.mark.parametrize("algo", ["sac", "mpdp", "mbpo"])
+def test_the_update_never_waits_on_the_host(in_tmp, monkeypatch, algo):
+    # every update after the first two runs under NoHostSync: critic, policy improvement,
+    # temperature, their optimizer steps, the NaN guard and the metrics
+    _direct_steps(monkeypatch)
+    update = SAC.update
+    strict = []
+
+    def strict_update(self, batch):
+        if self.updates < 2:  # the first updates of a run may allocate (optimizer states)
+            return update(self, batch)
+        with NoHostSync():
+            metrics = update(self, batch)
+        strict.append(self.updates)
+        return metrics
+
+    monkeypatch.setattr(SAC, "update", strict_update)
+    extra = {"sac": (), "mpdp": CUDA_LIKE_MPDP, "mbpo": (*TINY_MPDP[:10], "--env_interaction.updates_per_env_step", "2")}
+    main(fit_args("hopper", 200, *extra[algo], algo=algo))
+    assert len(strict) >= 90
+
+
+@pytest.mark.parametrize("algo", ["sac", "mpdp"])
+def test_direct_steps_train_exactly_as_lightnings(in_tmp, monkeypatch, algo):
+    """The same seed, with and without Lightning's manual_backward and optimizer wrappers: the
+    same weights, bit for bit (32-bit precision, where the wrappers add no maths)."""
+    extra = {"sac": (), "mpdp": CUDA_LIKE_MPDP}[algo]
+    for direct in (False, True):
+        if direct:
+            _direct_steps(monkeypatch)
+        save = f'--trainer.callbacks+={{"class_path": "helpers.SaveWeightsAtEnd", "init_args": {{"path": "{in_tmp}/{direct}.pt"}}}}'
+        main(fit_args("hopper", 150, "--seed_everything", "3", "--trainer.default_root_dir", f"run-{direct}", save,
+                      *extra, algo=algo))
+    plain, direct = torch.load(in_tmp / "False.pt"), torch.load(in_tmp / "True.pt")
+    assert plain.keys() == direct.keys() and plain
+    for name in plain:
+        assert torch.equal(plain[name], direct[name]), name
