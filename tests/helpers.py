@@ -150,3 +150,15 @@ class SaveWeightsAtEnd(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, self.path)
+
+
+class RecordCapturable(Callback):
+    """Writes to ``path`` the optimizers' ``capturable`` flags as the first update sees them."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.done = path, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.done:
+            self.done = True
+            torch.save([g["capturable"] for opt in trainer.optimizers for g in opt.param_groups], self.path)

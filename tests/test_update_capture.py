@@ -76,3 +76,19 @@ def test_direct_steps_train_exactly_as_lightnings(in_tmp, monkeypatch, algo):
     assert plain.keys() == direct.keys() and plain
     for name in plain:
         assert torch.equal(plain[name], direct[name]), name
+
+
+def test_a_resumed_run_sets_its_optimizers_capturable_flag_for_its_own_device(in_tmp):
+    """A checkpoint carries its optimizers' param groups from where it was saved (capturable, on
+    a GPU with a graph); resumed on this CPU, the run updates eagerly, without the flag."""
+    main(fit_args("hopper", 200))
+    (ckpt,) = in_tmp.glob("runs/checkpoints/*/last.ckpt")
+    saved = torch.load(ckpt, weights_only=False)
+    for state in saved["optimizer_states"]:
+        for group in state["param_groups"]:
+            group["capturable"] = True
+    torch.save(saved, ckpt)
+    record = f'--trainer.callbacks+={{"class_path": "helpers.RecordCapturable", "init_args": {{"path": "{in_tmp}/flags.pt"}}}}'
+    main(fit_args("hopper", 300, "--ckpt_path", str(ckpt), record))
+    flags = torch.load(in_tmp / "flags.pt")
+    assert len(flags) == 3 and not any(flags)  # critic, actor, temperature

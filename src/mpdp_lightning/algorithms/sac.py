@@ -174,6 +174,14 @@ class SAC(pl.LightningModule):
             self.captured_update = CapturedUpdate(self.update)
             self._direct_steps = True  # warm-up calls too: the same code as the captured one
 
+    def on_train_start(self) -> None:
+        # A resumed run's optimizers come with the param groups of the device they were saved on
+        # (capturable on a GPU with a graph); a capture needs the flag, an eager run goes without.
+        capturable = self.captured_update is not None
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["capturable"] = capturable
+
     # ---- optimisation -------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         groups = self.optimizer_groups()
