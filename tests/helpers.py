@@ -13,6 +13,11 @@ from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A world model small and quick enough for end-to-end tests of the model-based algorithms
+TINY_MODEL = ("--model.ensemble_size", "3", "--model.num_elites", "2", "--model.model_hidden", "32",
+              "--model.model_layers", "2", "--model.model_train_every", "100", "--model.model_max_epochs", "2",
+              "--env_interaction.updates_per_env_step", "2")
+
 
 def tracking_uri() -> str:
     """The MLflow store of the current folder, as an absolute URI: MLflow caches a store per URI

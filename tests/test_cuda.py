@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from helpers import fit_args
+from helpers import TINY_MODEL, fit_args
 from mpdp_lightning.algorithms.mpdp import MPDP
 from mpdp_lightning.algorithms.sac import SAC
 from mpdp_lightning.cli import main
@@ -17,9 +17,7 @@ from mpdp_lightning.training.cuda_graph import CapturedUpdate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-TINY = ("--model.ensemble_size", "3", "--model.num_elites", "2", "--model.model_hidden", "32",
-        "--model.model_layers", "2", "--model.model_train_every", "100", "--model.model_max_epochs", "2",
-        "--model.horizon", "3", "--env_interaction.updates_per_env_step", "2")
+TINY = {"sac": (), "mbpo": TINY_MODEL, "mpdp": (*TINY_MODEL, "--model.horizon", "3")}
 WARMUP = 3  # CapturedUpdate's eager calls; the next call captures
 
 
@@ -42,8 +40,7 @@ def test_updates_are_replayed_from_a_cuda_graph_and_never_synchronise_with_the_h
         strict.append(self.captured_update is not None and self.captured_update.captured)
 
     monkeypatch.setattr(SAC, "training_step", strict_step)
-    extra = TINY if algo != "sac" else ()
-    main(fit_args("hopper", 200, "--trainer.accelerator", "gpu", "--trainer.devices", "1", *extra, algo=algo))
+    main(fit_args("hopper", 200, "--trainer.accelerator", "gpu", "--trainer.devices", "1", *TINY[algo], algo=algo))
     assert len(strict) >= 90 and all(strict)  # every strict update was a replay
 
 
@@ -104,7 +101,7 @@ def test_a_captured_update_trains_as_the_eager_one_and_sees_a_refitted_model():
 
 def test_compacted_rows_cannot_be_captured(in_tmp, capsys):
     with pytest.raises(SystemExit):
-        main(fit_args("hopper", 200, "--trainer.accelerator", "gpu", "--trainer.devices", "1", *TINY,
+        main(fit_args("hopper", 200, "--trainer.accelerator", "gpu", "--trainer.devices", "1", *TINY["mpdp"],
                       "--model.cuda_graph", "true", "--model.compact_rows", "true", algo="mpdp"))
     assert "model.cuda_graph: model.compact_rows true counts the live rows" in capsys.readouterr().err
     assert list(in_tmp.iterdir()) == []

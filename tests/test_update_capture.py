@@ -6,14 +6,12 @@ wrappers. test_cuda.py checks the capture itself wherever CUDA is present."""
 import pytest
 import torch
 
-from helpers import fit_args
+from helpers import TINY_MODEL, fit_args
 from host_sync import HostSyncError, NoHostSync
 from mpdp_lightning.algorithms.sac import SAC
 from mpdp_lightning.cli import main
 
-TINY_MPDP = ("--model.ensemble_size", "3", "--model.num_elites", "2", "--model.model_hidden", "32",
-             "--model.model_layers", "2", "--model.model_train_every", "100", "--model.model_max_epochs", "2",
-             "--model.horizon", "3", "--env_interaction.updates_per_env_step", "2")
+TINY_MPDP = (*TINY_MODEL, "--model.horizon", "3")
 # the CUDA configuration: rows masked, not compacted; the anchored rule and the heads' clip too
 CUDA_LIKE_MPDP = (*TINY_MPDP, "--model.compact_rows", "false", "--model.threshold", "anchored",
                   "--model.head_grad_clip", "1.0")
@@ -56,7 +54,7 @@ def test_the_update_never_waits_on_the_host(in_tmp, monkeypatch, algo):
         return metrics
 
     monkeypatch.setattr(SAC, "update", strict_update)
-    extra = {"sac": (), "mpdp": CUDA_LIKE_MPDP, "mbpo": (*TINY_MPDP[:10], "--env_interaction.updates_per_env_step", "2")}
+    extra = {"sac": (), "mpdp": CUDA_LIKE_MPDP, "mbpo": TINY_MODEL}
     main(fit_args("hopper", 200, *extra[algo], algo=algo))
     assert len(strict) >= 90
 

@@ -75,8 +75,11 @@ class CapturedUpdate:
             return metrics
         self._batch = batch.clone()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls of other threads (loggers) are not this capture's business
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # Autocast (bf16-mixed) without its cache of cast weights, as PyTorch asks of a capture: a
+        # cast made once and reused would not be redone at a replay.
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        with torch.cuda.graph(graph), autocast:
             self._metrics = self.update(self._batch)
         self.graph = graph
         graph.replay()  # capturing ran nothing: this is the call's update
