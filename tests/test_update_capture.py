@@ -10,6 +10,7 @@ from helpers import TINY_MODEL, fit_args
 from host_sync import HostSyncError, NoHostSync
 from mpdp_lightning.algorithms.sac import SAC
 from mpdp_lightning.cli import main
+from mpdp_lightning.training.cuda_graph import CaptureError
 
 TINY_MPDP = (*TINY_MODEL, "--model.horizon", "3")
 # the CUDA configuration: rows masked, not compacted; the anchored rule and the heads' clip too
@@ -90,3 +91,34 @@ def test_a_resumed_run_sets_its_optimizers_capturable_flag_for_its_own_device(in
     main(fit_args("hopper", 300, "--ckpt_path", str(ckpt), record))
     flags = torch.load(in_tmp / "flags.pt")
     assert len(flags) == 3 and not any(flags)  # critic, actor, temperature
+
+
+def test_a_failed_capture_warns_and_the_run_goes_on_eagerly(in_tmp, monkeypatch):
+    """With --model.cuda_graph left to its default, a capture that fails (stood in for here:
+    no CUDA) costs a warning, not the run: the update it was for runs eagerly, as all after it."""
+    setup, calls = SAC.setup, []
+
+    class FailingCapture:
+        def __init__(self, update):
+            self.update = update
+
+        def __call__(self, batch):
+            calls.append(len(calls))
+            if len(calls) == 1:
+                return self.update(batch)  # a warm-up call
+            raise CaptureError("RuntimeError: operation not permitted when stream is capturing")
+
+    def capturing_setup(self, stage):
+        setup(self, stage)
+        self.captured_update, self._direct_steps = FailingCapture(self.update), True
+
+    monkeypatch.setattr(SAC, "setup", capturing_setup)
+    updates = SAC.update
+    eager = []
+    monkeypatch.setattr(SAC, "update", lambda self, batch: eager.append(self._direct_steps) or updates(self, batch))
+    with pytest.warns(UserWarning, match="could not be captured as a CUDA graph .*operation not permitted"):
+        main(fit_args("hopper", 200))
+    assert calls == [0, 1]  # one warm-up, one failed capture, then never again
+    # 100 updates (env steps 101-200): the warm-up's, then the failed capture's and all later
+    # ones eagerly, with Lightning's steps again
+    assert eager == [True] + [False] * 99

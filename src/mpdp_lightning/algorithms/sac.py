@@ -24,9 +24,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
+from lightning.pytorch.utilities import rank_zero_warn
 from tensordict import TensorDictBase
 
-from mpdp_lightning.training.cuda_graph import CapturedUpdate
+from mpdp_lightning.training.cuda_graph import CapturedUpdate, CaptureError
 from mpdp_lightning.training.data import PendingBatch, drawn
 from mpdp_lightning.errors import MPDPError, NonFiniteLossError
 from mpdp_lightning.training.finiteness import NonFiniteGuard, non_finite_parameters
@@ -67,7 +68,8 @@ class SAC(pl.LightningModule):
         target_entropy: entropy target for ``auto_alpha``; None means -(action dimensions).
         cuda_graph: capture the whole update (critic, policy improvement, temperature and their
             optimizer steps) once as a CUDA graph and replay it; None: wherever it can be (a
-            CUDA device, a precision other than fp16, see ``cuda_graph_problem``).
+            CUDA device, a precision other than fp16, see ``cuda_graph_problem``), and should
+            the capture fail, warn and go on eagerly (True: stop).
     """
 
     def __init__(
@@ -182,6 +184,13 @@ class SAC(pl.LightningModule):
             for group in optimizer.param_groups:
                 group["capturable"] = capturable
 
+    def stop_capturing(self, error: CaptureError) -> None:
+        """Go on with eager updates (Lightning's steps again) after a failed capture, saying why."""
+        self.captured_update = None
+        self._direct_steps = False
+        rank_zero_warn(f"the update could not be captured as a CUDA graph ({error}); updating eagerly from "
+                       f"now on (--model.cuda_graph false skips the attempt, true makes it an error)")
+
     # ---- optimisation -------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         groups = self.optimizer_groups()
@@ -286,10 +295,16 @@ class SAC(pl.LightningModule):
 
     def training_step(self, batch: Union[PendingBatch, TensorDictBase], batch_idx: int) -> None:
         batch = self.draw_batch(batch)  # sampled now: after this update's env step and model fit
+        metrics = None
         if self.captured_update is not None:
-            with self.timer.phase("update"), self.timer.paused():  # phases inside are not timed
-                metrics = self.captured_update(batch)
-        else:
+            try:
+                with self.timer.phase("update"), self.timer.paused():  # phases inside are not timed
+                    metrics = self.captured_update(batch)
+            except CaptureError as error:
+                if self.hparams.get("cuda_graph"):
+                    raise
+                self.stop_capturing(error)
+        if metrics is None:
             metrics = self.update(batch)
         self.train_metrics.add(metrics)  # copies them: a replay overwrites the graph's outputs
         self.timer.count_update()

@@ -29,6 +29,10 @@ from tensordict import TensorDictBase
 Update = Callable[[TensorDictBase], dict[str, torch.Tensor]]
 
 
+class CaptureError(RuntimeError):
+    """The capture failed; nothing of the call's update has run (a capture runs no kernel)."""
+
+
 class CapturedUpdate:
     """Call it as the update itself: ``metrics = captured(batch)``.
 
@@ -79,8 +83,11 @@ class CapturedUpdate:
         # cast made once and reused would not be redone at a replay.
         autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
                                   enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
-        with torch.cuda.graph(graph), autocast:
-            self._metrics = self.update(self._batch)
+        try:
+            with torch.cuda.graph(graph), autocast:
+                self._metrics = self.update(self._batch)
+        except Exception as error:
+            raise CaptureError(f"{type(error).__name__}: {error}") from error
         self.graph = graph
         graph.replay()  # capturing ran nothing: this is the call's update
         return self._metrics
