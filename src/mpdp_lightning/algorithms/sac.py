@@ -39,9 +39,9 @@ from mpdp_lightning.envs.tasks import get_task, task_spaces
 # The fused Adam kernel (CPU and CUDA) updates all of an optimizer's tensors in one call.
 ADAM = {"fused": True}
 
-# Precisions whose Lightning plugin reads the device in every step (the fp16 loss scaler skips
-# steps with inf gradients, decided on the host): not capturable.
-HOST_STEPPED_PRECISIONS = ("16-mixed", "16", "16-true", "transformer-engine", "transformer-engine-float16")
+# Precisions whose Lightning plugin reads the device in every step (fp16 mixed precision's loss
+# scaler skips the steps with inf gradients, decided on the host): not capturable.
+HOST_STEPPED_PRECISIONS = ("16-mixed", "16")
 
 # The phases of one update, in the order they run: the NaN/inf guard names the first that broke.
 PHASES = ("model", "critic", "actor", "temperature")
