@@ -122,3 +122,17 @@ def test_a_failed_capture_warns_and_the_run_goes_on_eagerly(in_tmp, monkeypatch)
     # 100 updates (env steps 101-200): the warm-up's, then the failed capture's and all later
     # ones eagerly, with Lightning's steps again
     assert eager == [True] + [False] * 99
+
+
+def test_what_cannot_be_captured_is_named():
+    from mpdp_lightning.algorithms.mpdp import MPDP
+
+    sac, cuda = SAC("inverted_pendulum", hidden=16), torch.device("cuda", 0)
+    assert sac.cuda_graph_problem(cuda, "32-true") is None
+    assert sac.cuda_graph_problem(cuda, "bf16-mixed") is None
+    assert "a CUDA graph needs a CUDA device, and this run's is cpu" in sac.cuda_graph_problem(torch.device("cpu"), "32-true")
+    assert "precision 16-mixed scales the loss" in sac.cuda_graph_problem(cuda, "16-mixed")
+    mpdp = dict(hidden=16, ensemble_size=2, num_elites=1, model_hidden=16, model_layers=1, horizon=2)
+    assert MPDP("inverted_pendulum", **mpdp).cuda_graph_problem(cuda, "32-true") is None
+    assert "compact_rows true counts the live rows on the host" in MPDP(
+        "inverted_pendulum", compact_rows=True, **mpdp).cuda_graph_problem(cuda, "32-true")
