@@ -21,11 +21,13 @@ TINY = {"sac": (), "mbpo": TINY_MODEL, "mpdp": (*TINY_MODEL, "--model.horizon", 
 WARMUP = 3  # CapturedUpdate's eager calls; the next call captures
 
 
-@pytest.mark.parametrize("algo", ["sac", "mpdp", "mbpo"])
-def test_updates_are_replayed_from_a_cuda_graph_and_never_synchronise_with_the_host(in_tmp, monkeypatch, algo):
+@pytest.mark.parametrize("algo,precision", [("sac", "32-true"), ("mbpo", "32-true"), ("mpdp", "32-true"),
+                                            ("mpdp", "bf16-mixed")])
+def test_updates_are_replayed_from_a_cuda_graph_and_never_synchronise_with_the_host(in_tmp, monkeypatch, algo, precision):
     # Every update after the capture (batch draw, graph replay, metrics) runs under sync debug
     # mode "error": a .item(), a nonzero, a blocking copy raises. Env steps and model fits
-    # (every 100 env steps here) stay outside, as in a run.
+    # (every 100 env steps here) stay outside, as in a run. MPDP's imagined step is compiled, as
+    # by default on CUDA.
     step = SAC.training_step
     strict = []
 
@@ -40,15 +42,16 @@ def test_updates_are_replayed_from_a_cuda_graph_and_never_synchronise_with_the_h
         strict.append(self.captured_update is not None and self.captured_update.captured)
 
     monkeypatch.setattr(SAC, "training_step", strict_step)
-    main(fit_args("hopper", 200, "--trainer.accelerator", "gpu", "--trainer.devices", "1", *TINY[algo], algo=algo))
+    main(fit_args("hopper", 200, "--trainer.accelerator", "gpu", "--trainer.devices", "1",
+                  "--trainer.precision", precision, *TINY[algo], algo=algo))
     assert len(strict) >= 90 and all(strict)  # every strict update was a replay
 
 
-def _module(graph: bool) -> MPDP:
+def _module(graph: bool, compiled: bool) -> MPDP:
     """A small MPDP on the GPU with plain optimizers, outside a Trainer, as setup() makes it."""
     torch.manual_seed(0)
     module = MPDP("hopper", hidden=32, layers=2, ensemble_size=3, num_elites=2, model_hidden=32, model_layers=2,
-                  horizon=3, auto_alpha=True, compile=False).cuda()
+                  horizon=3, auto_alpha=True, compile=compiled).cuda()
     module._direct_steps = True
     module.captured_update = CapturedUpdate(module.update, warmup=WARMUP) if graph else None
     optimizers = module.configure_optimizers()  # capturable where captured
@@ -71,7 +74,8 @@ def _batches(n: int, size: int = 64) -> list[TensorDict]:
     ]
 
 
-def test_a_captured_update_trains_as_the_eager_one_and_sees_a_refitted_model():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_captured_update_trains_as_the_eager_one_and_sees_a_refitted_model(compiled):
     """The same weights, batches and random draws (the generator reseeded before each update:
     a replay draws from its current seed and offset as the eager kernels do): the same weights
     after every update, including after the world model changes in place between two updates,
@@ -79,7 +83,7 @@ def test_a_captured_update_trains_as_the_eager_one_and_sees_a_refitted_model():
     batches = _batches(8)
     results = []
     for graph in (False, True):
-        module = _module(graph)
+        module = _module(graph, compiled)
         losses = []
         for i, batch in enumerate(batches):
             if i == 5:  # a "fit": new weights and elites, in the same tensors

@@ -10,7 +10,7 @@ from helpers import TINY_MODEL, fit_args
 from host_sync import HostSyncError, NoHostSync
 from mpdp_lightning.algorithms.sac import SAC
 from mpdp_lightning.cli import main
-from mpdp_lightning.training.cuda_graph import CaptureError
+from mpdp_lightning.training.cuda_graph import CaptureError, update_context
 
 TINY_MPDP = (*TINY_MODEL, "--model.horizon", "3")
 # the CUDA configuration: rows masked, not compacted; the anchored rule and the heads' clip too
@@ -136,3 +136,19 @@ def test_what_cannot_be_captured_is_named():
     assert MPDP("inverted_pendulum", **mpdp).cuda_graph_problem(cuda, "32-true") is None
     assert "compact_rows true counts the live rows on the host" in MPDP(
         "inverted_pendulum", compact_rows=True, **mpdp).cuda_graph_problem(cuda, "32-true")
+
+
+def test_warm_up_and_capture_share_the_state_compiled_code_is_guarded_on():
+    """torch.compile guards on global state, the autocast cache among it: a compiled step warmed
+    up outside the capture's context would recompile while capturing, which a capture cannot
+    hold, so the warm-up calls run in the capture's context and a recompile there raises."""
+    x = torch.randn(4)
+    step = torch.compile(lambda x: (2 * x).sin(), fullgraph=True)
+    with update_context("cpu"):  # a warm-up call
+        step(x)
+    with update_context("cpu", capturing=True):  # the capture: no recompile
+        step(x)
+    elsewhere = torch.compile(lambda x: (3 * x).cos(), fullgraph=True)
+    elsewhere(x)  # warmed up in another context
+    with pytest.raises(torch._dynamo.exc.RecompileError), update_context("cpu", capturing=True):
+        elsewhere(x)

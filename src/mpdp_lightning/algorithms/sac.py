@@ -183,6 +183,12 @@ class SAC(pl.LightningModule):
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 group["capturable"] = capturable
+                if not capturable:
+                    continue
+                for p in group["params"]:  # a non-fused Adam's checkpoint keeps its step counts on the host
+                    state = optimizer.state.get(p, {})
+                    if "step" in state and state["step"].device != p.device:
+                        state["step"] = state["step"].to(p.device, torch.float32)
 
     def stop_capturing(self, error: CaptureError) -> None:
         """Go on with eager updates (Lightning's steps again) after a failed capture, saying why."""

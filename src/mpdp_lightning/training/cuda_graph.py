@@ -15,13 +15,17 @@ the time to launch them; a replay launches them all at once. What the captured f
 
 The first ``warmup`` calls run eagerly on a side stream, as PyTorch's recipe asks: they allocate
 the gradients' and optimizer states' memory and compile the compiled parts, none of which may
-happen while capturing. The random draws inside (actions, model samples) come from the default
-CUDA generator, whose state a captured graph advances at every replay.
+happen while capturing. They run in the very context of the capture (``update_context``):
+torch.compile guards on global state such as the autocast cache, and a guard that failed at the
+capture would recompile there, which cannot be captured; a recompile while capturing is made an
+error. The random draws inside (actions, model samples) come from the default CUDA generator,
+whose state a captured graph advances at every replay.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 from tensordict import TensorDictBase
@@ -31,6 +35,18 @@ Update = Callable[[TensorDictBase], dict[str, torch.Tensor]]
 
 class CaptureError(RuntimeError):
     """The capture failed; nothing of the call's update has run (a capture runs no kernel)."""
+
+
+@contextlib.contextmanager
+def update_context(device_type: str = "cuda", capturing: bool = False) -> Iterator[None]:
+    """Where the warm-up calls and the capture run: autocast as it is (bf16-mixed or off) but
+    without its cache of cast weights, as PyTorch asks of a capture (a cast made once and reused
+    would not be redone at a replay); while capturing, a recompile of a compiled part raises."""
+    autocast = torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                              enabled=torch.is_autocast_enabled(device_type), cache_enabled=False)
+    strict = torch._dynamo.config.patch(error_on_recompile=True) if capturing else contextlib.nullcontext()
+    with autocast, strict:
+        yield
 
 
 class CapturedUpdate:
@@ -73,20 +89,18 @@ class CapturedUpdate:
             if self._side_stream is None:
                 self._side_stream = torch.cuda.Stream(device)
             self._side_stream.wait_stream(current)
-            with torch.cuda.stream(self._side_stream):
+            with torch.cuda.stream(self._side_stream), update_context():
                 metrics = self.update(batch)
             current.wait_stream(self._side_stream)
             return metrics
         self._batch = batch.clone()
         graph = torch.cuda.CUDAGraph()
-        # Autocast (bf16-mixed) without its cache of cast weights, as PyTorch asks of a capture: a
-        # cast made once and reused would not be redone at a replay.
-        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
-                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
         try:
-            with torch.cuda.graph(graph), autocast:
+            with torch.cuda.graph(graph), update_context(capturing=True):
                 self._metrics = self.update(self._batch)
         except Exception as error:
+            # a failed capture_end leaves the capture's stream current (torch.cuda.graph's exit)
+            torch.cuda.set_stream(current)
             raise CaptureError(f"{type(error).__name__}: {error}") from error
         self.graph = graph
         graph.replay()  # capturing ran nothing: this is the call's update
