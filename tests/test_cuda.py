@@ -103,6 +103,18 @@ def test_a_captured_update_trains_as_the_eager_one_and_sees_a_refitted_model(com
         torch.testing.assert_close(graph_weights[name], value, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name)
 
 
+def test_a_replay_refuses_a_batch_of_another_size_or_keys():
+    module = _module(graph=True, compiled=False)
+    batches = _batches(WARMUP + 1)
+    for batch in batches:
+        module.captured_update(batch)
+    assert module.captured_update.captured
+    with pytest.raises(ValueError, match="a replay needs the captured batch's size"):
+        module.captured_update(_batches(1, size=32)[0])
+    with pytest.raises(ValueError, match="and keys"):
+        module.captured_update(batches[0].exclude("terminated"))
+
+
 def test_compacted_rows_cannot_be_captured(in_tmp, capsys):
     with pytest.raises(SystemExit):
         main(fit_args("hopper", 200, "--trainer.accelerator", "gpu", "--trainer.devices", "1", *TINY["mpdp"],

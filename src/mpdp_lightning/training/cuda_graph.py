@@ -81,6 +81,10 @@ class CapturedUpdate:
             raise ValueError(f"a CUDA graph captures CUDA work; the batch is on {device}")
         self.calls += 1
         if self.graph is not None:
+            if batch.batch_size != self._batch.batch_size or set(batch.keys()) != set(self._batch.keys()):
+                # copy_ would broadcast a smaller batch, or leave a missing key's old rows
+                raise ValueError(f"a replay needs the captured batch's size {tuple(self._batch.batch_size)} and keys "
+                                 f"{sorted(self._batch.keys())}; got {tuple(batch.batch_size)} and {sorted(batch.keys())}")
             self._batch.copy_(batch)  # into the tensors the graph reads
             self.graph.replay()
             return self._metrics
