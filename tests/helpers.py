@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -167,3 +168,16 @@ class RecordCapturable(Callback):
         if not self.done:
             self.done = True
             torch.save([g["capturable"] for opt in trainer.optimizers for g in opt.param_groups], self.path)
+
+
+class SlowBoundaryAfterSigterm(Callback):
+    """Once SIGTERM has arrived, the update boundary takes ``seconds`` (as a model fit or a
+    rollout refresh can): the save comes well after the signal."""
+
+    def __init__(self, seconds: float = 3.0) -> None:
+        self.seconds, self.slept = seconds, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.received_sigterm and not self.slept:
+            self.slept = True
+            time.sleep(self.seconds)

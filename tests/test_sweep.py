@@ -2,6 +2,7 @@
 starts no trial, and a trial interrupted mid-run resumes from its checkpoint, same MLflow run."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -137,14 +138,17 @@ def test_a_tiny_sweep_runs_its_trials_and_running_it_again_starts_none(tmp_path)
     assert "figures/inverted_pendulum_curves.png" in figures
 
 
-def test_a_sweep_stopped_mid_trial_resumes_that_trial_from_its_checkpoint(tmp_path):
+def test_a_sweep_stopped_mid_trial_resumes_that_trial_from_its_checkpoint(tmp_path, monkeypatch):
     """Ctrl-C to the sweep (as a cut-off session or a pre-empted driver would): the trial saves
-    at an update boundary; the same command again resumes it, in the same MLflow run."""
+    at an update boundary, even one that takes seconds to come (Ray SIGKILLs its workers'
+    process groups as it stops); the same command again resumes it, in the same MLflow run."""
     pytest.importorskip("ray")
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     run = ["--env_interaction.total_env_steps", "2000", "--env_interaction.warmup_steps", "100",
            "--evaluation.eval_every", "500", "--evaluation.eval_episodes", "1", "--checkpoint.checkpoint_every", "5000",
            "--model.hidden", "32", "--data.batch_size", "32", "--video.enabled", "false",
-           "--progress_bar.log_every_env_steps", "100"]
+           "--progress_bar.log_every_env_steps", "100",
+           '--trainer.callbacks+={"class_path": "helpers.SlowBoundaryAfterSigterm", "init_args": {"seconds": 3}}']
     sweep_file = _sweep_file(tmp_path, seeds=(0,), args=run)
     sweep, place = Sweep.load(sweep_file, ROOT / "conf"), _place(tmp_path)
     (trial,) = sweep.trials()
@@ -159,7 +163,9 @@ def test_a_sweep_stopped_mid_trial_resumes_that_trial_from_its_checkpoint(tmp_pa
     driver.send_signal(signal.SIGINT)
     driver.communicate(timeout=120)
     assert driver.returncode != 0  # the sweep did not finish
-    time.sleep(2)  # the trial's process saves after its worker is gone
+    deadline = time.monotonic() + 60  # the trial's process saves after its worker is gone
+    while time.monotonic() < deadline and "saved: " not in log.read_text():
+        time.sleep(0.5)
     found = re.search(r"saved: .*last\.ckpt at env step (\d+)", log.read_text())
     assert found and 500 <= int(found[1]) < 2000, log.read_text()[-2000:]
     assert plan(sweep, place)["resume"] == [trial]

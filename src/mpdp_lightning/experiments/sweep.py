@@ -17,7 +17,8 @@ finished trials and resumes the others from their ``last.ckpt`` (same MLflow run
 off after an hour loses at most ``checkpoint_every`` env steps per running trial. When the Ray
 worker of a trial dies (Ctrl-C to the sweep, a lost node), the trial's process receives SIGTERM
 (Linux's parent-death signal), saves at its next update boundary and exits; it writes to its log
-file itself, and Ray is told not to kill workers' children, so nothing cuts that save short. After the trials, the seed table and the figures are written and logged to MLflow.
+file itself, runs in a session of its own (Ray SIGKILLs a worker's process group as it stops) and
+Ray is told not to kill workers' children, so nothing cuts that save short. After the trials, the seed table and the figures are written and logged to MLflow.
 """
 
 from __future__ import annotations
@@ -239,9 +240,12 @@ def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> None:
         log.write(f"$ {shlex.join([sys.executable, '-m', 'mpdp_lightning', *argv])}\n")
         log.flush()
         offset = log.tell()
+        # A session of its own: as Ray stops, it SIGKILLs each worker's whole process group, which
+        # would take the trial down before it saves; the parent-death SIGTERM reaches it anyway.
         process = subprocess.Popen(
             [sys.executable, "-m", "mpdp_lightning", *argv], cwd=config["cwd"], env=env, text=True,
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+            start_new_session=sys.platform.startswith("linux"),
         )
     with open(log_path) as reader:  # follow the log: its progress lines become Tune's results
         reader.seek(offset)
