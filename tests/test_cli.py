@@ -25,6 +25,8 @@ BAD_INPUTS = {
     "negative learning rate": (["--model.actor_lr", "-0.001"], "sac", "model.actor_lr: expected PositiveFloat"),
     "zero env-step budget": (["--env_interaction.total_env_steps", "0"], "sac", "total_env_steps"),
     "warm-up past the budget": (["--env_interaction.warmup_steps", "5000"], "sac", "warmup_steps"),
+    "default warm-up past the budget": (["--env_interaction.warmup_steps", "null"], "sac",
+                                        "warmup_steps (5000, the default of the algorithm)"),
     "missing checkpoint": (["--ckpt_path", "nowhere/last.ckpt"], "sac", "does not exist"),
     "wrong type": (["--model.gamma", "abc"], "sac", "model.gamma: expected NonNegativeFloat"),
     "unknown option": (["--model.gama", "0.9"], "sac", "model: unknown option 'gama'"),

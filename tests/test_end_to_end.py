@@ -298,7 +298,7 @@ def test_mbpo_trains_on_its_rollouts_and_logs_them(in_tmp, monkeypatch):
     monkeypatch.setattr(MBPO, "draw_batch", recording_draw)
     main(fit_args(
         "hopper", 300, "--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL, "--model.model_max_epochs", "2",
-        "--model.rollouts_per_env_step", "2", "--model.real_ratio", "0.5", "--model.rollout_schedule", "[0, 1, 1, 3]",
+        "--model.rollout_batch_size", "200", "--model.real_ratio", "0.5", "--model.rollout_schedule", "[0, 1, 1, 3]",
         algo="mbpo",
     ))
     run = _only_run(MlflowClient(tracking_uri()))
@@ -318,7 +318,7 @@ def test_a_resumed_mbpo_run_branches_its_rollouts_again_before_its_first_update(
     # the model replay is not in the checkpoint: the resumed run branches new rollouts from the
     # restored model at its first update, not only at the next fit
     args = ("--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL, "--model.model_max_epochs", "2",
-            "--model.rollouts_per_env_step", "2")
+            "--model.rollout_batch_size", "200")
     main(fit_args("hopper", 150, *args, algo="mbpo"))
     (folder,) = (in_tmp / "runs/checkpoints").iterdir()
     main(fit_args("hopper", 250, *args, "--ckpt_path", str(folder / "last.ckpt"), algo="mbpo"))
@@ -352,7 +352,7 @@ def test_coplanner_plans_rollouts_conservatively_and_real_actions_optimistically
     monkeypatch.setattr(SAC, "act_on_host", recording_act)
     main(fit_args(
         "hopper", 250, "--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL, "--model.model_max_epochs", "2",
-        "--model.rollouts_per_env_step", "2", "--model.rollout_schedule", "[0, 1, 2, 2]",
+        "--model.rollout_batch_size", "200", "--model.rollout_schedule", "[0, 1, 2, 2]",
         "--coplanner.enabled", "true", "--coplanner.candidates", "3", "--coplanner.horizon", "2", algo="mbpo",
     ))
     run = _only_run(MlflowClient(tracking_uri()))

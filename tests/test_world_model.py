@@ -243,3 +243,42 @@ def test_the_u_outputs_switch_decides_whether_the_reward_output_enters_u():
     mean[:, :, 0] = torch.arange(4.0).view(4, 1)  # now on an observation output too
     assert (obs_only.uncertainty(mean, logvar) > 1.0).all()
     torch.testing.assert_close(obs_only.uncertainty(mean, logvar), ovr_uncertainty(mean[..., :OBS], logvar[..., :OBS]))
+
+
+def _no_step(loss):
+    """A step that changes nothing: the holdout error never improves after the first epoch."""
+
+
+@pytest.mark.parametrize("patience", [5, 2])
+def test_a_fit_stops_after_more_than_patience_epochs_without_improvement(patience):
+    # MBPO: `_epochs_since_update > 5`: epoch 1 improves on infinity, then 5 + 1 epochs without
+    # improvement before the stop (7 epochs for patience 5)
+    model = _ensemble()
+    inputs, targets = torch.randn(60, OBS + ACT), torch.randn(60, OBS + 1)
+    report = fit_ensemble(model, inputs, targets, _no_step, patience=patience)
+    assert report.epochs == 1 + patience + 1
+
+
+def test_the_model_starts_from_mbpos_truncated_normal_with_zero_biases():
+    model = GaussianEnsemble(OBS, ACT, 7, 5, hidden=200, layers=4)
+    for linear in model.net.linears:
+        std = 1.0 / (2.0 * linear.in_features ** 0.5)
+        assert linear.weight.abs().max() <= 2 * std + 1e-7  # truncated at two stds
+        # a normal truncated at +-2 std has std 0.88 of the untruncated one
+        assert abs(linear.weight.std().item() / std - 0.88) < 0.05
+        assert torch.count_nonzero(linear.bias) == 0
+
+
+def test_targets_are_raw_by_default_and_rank_members_on_raw_unit_holdout_mse():
+    model = _ensemble()
+    inputs = torch.randn(100, OBS + ACT)
+    targets = torch.cat([torch.randn(100, OBS) * 0.01, torch.randn(100, 1) * 100.0], dim=-1)  # tiny deltas, large reward
+    fit_ensemble(model, inputs, targets, _adam_step(model), max_epochs=2)
+    torch.testing.assert_close(model.target_norm.mean, torch.zeros(OBS + 1))
+    torch.testing.assert_close(model.target_norm.std, torch.ones(OBS + 1))
+    mse, _ = holdout_errors(model, inputs, targets)
+    mean, _ = model(*inputs.split([OBS, ACT], dim=-1))
+    torch.testing.assert_close(mse, (mean - targets).pow(2).mean(dim=(1, 2)))  # raw units: the reward dominates
+    normalised = GaussianEnsemble(OBS, ACT, 4, 2, 32, 2, normalize_targets=True)
+    fit_ensemble(normalised, inputs, targets, _adam_step(normalised), max_epochs=2)
+    assert normalised.target_norm.std[-1] > 50 and normalised.target_norm.std[0] < 0.1

@@ -153,10 +153,15 @@ class MPDPCLI(LightningCLI):
                 raise MPDPError(f"coplanner.enabled: COPlanner plans with a world model, which {name} has not; "
                                 f"use an algorithm with one (mbpo, mpdp)")
         interaction = config.env_interaction
-        if interaction.warmup_steps >= interaction.total_env_steps:
+        warmup = interaction.warmup_steps
+        if warmup is None:  # the algorithm's own for the task
+            module, _, name = str(config.model.class_path).rpartition(".")
+            default = getattr(getattr(import_module(module), name), "default_warmup_steps_for", None)
+            warmup = default(config.task) if default is not None else None
+        if warmup is not None and warmup >= interaction.total_env_steps:
             raise MPDPError(
-                f"env_interaction.warmup_steps ({interaction.warmup_steps}) must be below "
-                f"env_interaction.total_env_steps ({interaction.total_env_steps})"
+                f"env_interaction.warmup_steps ({warmup}{'' if interaction.warmup_steps else ', the default of the algorithm'}) "
+                f"must be below env_interaction.total_env_steps ({interaction.total_env_steps})"
             )
 
     def instantiate_classes(self) -> None:

@@ -38,8 +38,11 @@ class ModelBasedSAC(SAC):
         model_batch_size: rows per member in each model minibatch.
         holdout_ratio: fraction of the buffer held out for early stopping and elite selection.
         max_holdout: cap on the holdout rows.
-        model_patience: epochs without a 1 % holdout improvement of any member before stopping.
-        model_max_epochs: cap on the epochs of one fit.
+        model_patience: a fit stops once no member's holdout MSE has improved by 1 % for more
+            than this many epochs (MBPO's 5: it stops at the 6th such epoch).
+        model_max_epochs: cap on the epochs of one fit; None: none, as MBPO (early stopping ends it).
+        normalize_targets: standardise the model's targets as its inputs; False (MBPO's): raw
+            targets, so that the early stop and the elites rank members on raw-unit holdout MSE.
         u_covers_reward: the One-vs-Rest model error u covers the reward output as well as the
             next observation; False: the next observation only.
     """
@@ -58,7 +61,8 @@ class ModelBasedSAC(SAC):
         holdout_ratio: PositiveFloat = 0.2,
         max_holdout: PositiveInt = 5000,
         model_patience: PositiveInt = 5,
-        model_max_epochs: PositiveInt = 200,
+        model_max_epochs: Optional[PositiveInt] = None,
+        normalize_targets: bool = False,
         u_covers_reward: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -76,6 +80,7 @@ class ModelBasedSAC(SAC):
             "silu",
             termination_fn=spec.termination_fn,
             u_covers_reward=u_covers_reward,
+            normalize_targets=normalize_targets,
         )
         self.model_trained_at: Optional[int] = None  # env step of the last fit
         self.model_fits = 0
@@ -117,7 +122,7 @@ class ModelBasedSAC(SAC):
             batch_size=hp.model_batch_size,
             holdout_ratio=hp.holdout_ratio,
             max_holdout=hp.max_holdout,
-            max_epochs=hp.model_max_epochs,
+            max_epochs=None if hp.model_max_epochs is None else int(hp.model_max_epochs),
             patience=hp.model_patience,
         )
         self.check_phase("model", torch.tensor(report.holdout_nll, device=self.device), model_optimizer)

@@ -132,6 +132,12 @@ class SAC(pl.LightningModule):
         model-based algorithm, UP-MPC's optimistic choice; see ModelBasedSAC)."""
         return self.act(obs)
 
+    @classmethod
+    def default_warmup_steps_for(cls, task: str) -> int:
+        """Warm-up env steps when ``env_interaction.warmup_steps`` is not given: the task's (5000;
+        inverted_pendulum 1000)."""
+        return get_task(task).warmup_steps
+
     def default_updates_per_env_step(self) -> int:
         """Updates per env step when ``env_interaction.updates_per_env_step`` is not given."""
         return 1

@@ -74,6 +74,7 @@ class Task:
     env_kwargs: dict = field(default_factory=dict)
     note: str = ""
     model_hidden: int = 200  # width of the world model's hidden layers (MBPO: 400 for humanoid)
+    warmup_steps: int = 5000  # random env steps before the first update (SAC's and MPDP's default)
 
 
 # The env-step budgets (the paper's Fig. 1) live in conf/task/<task>.yaml.
@@ -90,7 +91,8 @@ _HUMANOID_DROPPED = dict(
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("inverted_pendulum", "InvertedPendulum-v5", inverted_pendulum_done),
+        # a short task (15k env steps): 5k random steps would be a third of its budget
+        Task("inverted_pendulum", "InvertedPendulum-v5", inverted_pendulum_done, warmup_steps=1000),
         Task("hopper", "Hopper-v5", hopper_done),
         Task("walker2d", "Walker2d-v5", walker2d_done),
         Task("halfcheetah", "HalfCheetah-v5", never_done),

@@ -18,23 +18,34 @@ from torch import nn
 MemberWeights = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU}
+INITS = ("linear", "mbpo")
 
 
 class BatchedLinear(nn.Module):
     """M independent affine maps: x [M, B, in] -> x @ W[m] + b[m], shape [M, B, out].
 
-    Each member is initialised like ``nn.Linear`` (uniform in +-1/sqrt(in)), so a batched layer
-    with M members matches M separate ``nn.Linear`` layers in distribution.
+    ``init``: "linear", each member like ``nn.Linear`` (uniform in +-1/sqrt(in)), so a batched
+    layer with M members matches M separate ``nn.Linear`` layers in distribution; "mbpo", MBPO's
+    world-model layers (jannerm/mbpo fc.py, mbrl-lib): weights from a normal of std
+    1/(2 sqrt(in)) truncated at two stds, zero biases.
     """
 
-    def __init__(self, members: int, in_features: int, out_features: int) -> None:
+    def __init__(self, members: int, in_features: int, out_features: int, init: str = "linear") -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
         self.members, self.in_features, self.out_features = members, in_features, out_features
+        self.init_scheme = init
         self.weight = nn.Parameter(torch.empty(members, in_features, out_features))
         self.bias = nn.Parameter(torch.empty(members, 1, out_features))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.init_scheme == "mbpo":
+            std = 1.0 / (2.0 * math.sqrt(self.in_features))
+            nn.init.trunc_normal_(self.weight, std=std, a=-2.0 * std, b=2.0 * std)
+            nn.init.zeros_(self.bias)
+            return
         bound = 1.0 / math.sqrt(self.in_features)
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
@@ -61,13 +72,14 @@ class BatchedMLP(nn.Module):
         hidden: int = 256,
         layers: int = 2,
         activation: str = "relu",
+        init: str = "linear",
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
-        self.members = members
+        self.members = int(members)  # a plain int: compiled code refuses the CLI's int subclasses
         sizes = [in_features] + [hidden] * layers + [out_features]
-        self.linears = nn.ModuleList(BatchedLinear(members, a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.linears = nn.ModuleList(BatchedLinear(self.members, a, b, init) for a, b in zip(sizes[:-1], sizes[1:]))
         self.activation = ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

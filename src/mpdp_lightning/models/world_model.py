@@ -1,9 +1,12 @@
 """The probabilistic ensemble world model (PETS/MBPO style) and its One-vs-Rest model error.
 
 K Gaussian MLPs, all evaluated at once on the batched-MLP block, predict the change in
-observation and the reward as a mean and a log-variance. Inputs (obs, action) and targets
-(delta obs, reward) are normalised with statistics fitted to the data; the log-variance is kept
-between learned soft bounds. ``fit_ensemble`` trains on the whole replay buffer with a holdout
+observation and the reward as a mean and a log-variance. As in MBPO's code (jannerm/mbpo bnn.py,
+mbpo_pytorch, mbrl-lib), the inputs (obs, action) are normalised with statistics fitted to the
+training rows and the targets (delta obs, reward) are not, by default: the loss, the early stop
+and the elites then weigh the outputs in raw units, and the learned log-variance bounds act in
+raw units (``normalize_targets`` standardises the targets too). Weights start from MBPO's
+truncated normal, biases at zero; the log-variance is kept between learned soft bounds. ``fit_ensemble`` trains on the whole replay buffer with a holdout
 split, early stopping and elite selection; the step function it is given performs the optimizer
 step, so the LightningModule can run it as a phase with manual optimization.
 
@@ -45,6 +48,12 @@ class Normalizer(nn.Module):
         std = data.std(dim=0)
         self.std.copy_(torch.where(std < 1e-6, torch.ones_like(std), std))  # constant columns pass through
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """The identity map: mean 0, std 1."""
+        self.mean.zero_()
+        self.std.fill_(1.0)
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
@@ -71,6 +80,8 @@ class GaussianEnsemble(nn.Module):
         num_elites: members used for sampling, the best on holdout after each fit.
         hidden, layers, activation: every member's MLP.
         termination_fn: the task's ``done(obs, action, next_obs)``; None: imagined episodes never end.
+        normalize_targets: standardise the targets (delta obs, reward) with statistics fitted to
+            the training rows, as the inputs are; False (MBPO's): raw targets.
         u_covers_reward: u sums the KL over the reward output as well as the next-observation
             outputs; False: over the next observation only (a badly fitted reward, such as
             inverted_pendulum's step function, can otherwise dominate u; D3).
@@ -90,14 +101,16 @@ class GaussianEnsemble(nn.Module):
         activation: str = "silu",
         termination_fn: Optional[TerminationFn] = None,
         u_covers_reward: bool = True,
+        normalize_targets: bool = False,
     ) -> None:
         super().__init__()
         if not 0 < num_elites <= ensemble_size or ensemble_size < 2:
             raise ValueError(f"need 2 <= ensemble_size and 0 < num_elites <= ensemble_size, got {ensemble_size}, {num_elites}")
         self.obs_dim, self.act_dim = obs_dim, act_dim
-        self.ensemble_size, self.num_elites = ensemble_size, num_elites
+        # plain ints: compiled code refuses the CLI's int subclasses
+        self.ensemble_size, self.num_elites = int(ensemble_size), int(num_elites)
         self.out_dim = obs_dim + 1
-        self.net = BatchedMLP(ensemble_size, obs_dim + act_dim, 2 * self.out_dim, hidden, layers, activation)
+        self.net = BatchedMLP(self.ensemble_size, obs_dim + act_dim, 2 * self.out_dim, hidden, layers, activation, init="mbpo")
         self.max_logvar = nn.Parameter(torch.full((self.out_dim,), 0.5))
         self.min_logvar = nn.Parameter(torch.full((self.out_dim,), -10.0))
         self.input_norm = Normalizer(obs_dim + act_dim)
@@ -105,10 +118,12 @@ class GaussianEnsemble(nn.Module):
         self.register_buffer("elites", torch.arange(num_elites))
         self.termination_fn = termination_fn
         self.u_covers_reward = u_covers_reward
+        self.normalize_targets = normalize_targets
 
     # ---- prediction ------------------------------------------------------------------------
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-variance of every member, [K, B, obs_dim + 1], in normalised target units.
+        """Mean and log-variance of every member, [K, B, obs_dim + 1], in target units (normalised
+        with ``normalize_targets``, raw otherwise).
 
         obs and action are [B, .] (the same rows for every member) or [K, B, .] (one set each).
         Always fp32: autocast is switched off inside.
@@ -222,7 +237,8 @@ def nll_loss(model: GaussianEnsemble, inputs: torch.Tensor, targets: torch.Tenso
 
 @torch.no_grad()
 def holdout_errors(model: GaussianEnsemble, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-member MSE (normalised target units) and Gaussian NLL on a holdout set [N, .]."""
+    """Per-member MSE and Gaussian NLL on a holdout set [N, .], in the model's target units (raw,
+    as MBPO's, unless ``normalize_targets``)."""
     obs, action = inputs.split([model.obs_dim, model.act_dim], dim=-1)
     mean, logvar = model(obs, action)
     y = model.target_norm.normalize(targets)
@@ -242,7 +258,7 @@ class FitReport:
     holdout_mse: float  # mean over the elites
     holdout_nll: float
     u_mean: float  # OvR model error on the holdout pairs
-    mean_spread: float  # variance of the K members' means on the holdout pairs (normalised units)
+    mean_spread: float  # variance of the K members' means on the holdout pairs (target units)
     elites: list[int]
 
 
@@ -254,7 +270,7 @@ def fit_ensemble(
     batch_size: int = 256,
     holdout_ratio: float = 0.2,
     max_holdout: int = 5000,
-    max_epochs: int = 200,
+    max_epochs: Optional[int] = None,
     patience: int = 5,
     min_improvement: float = 0.01,
     generator: Optional[torch.Generator] = None,
@@ -267,8 +283,9 @@ def fit_ensemble(
     do: redrawn every epoch, after 5 epochs every member would have seen 99 % of the rows and the
     members, whose disagreement is u, would agree more than the data warrants.
     Each member keeps the weights of its best holdout MSE within this fit (the best starts at
-    infinity); training stops once no member improved by ``min_improvement`` (relative) for
-    ``patience`` epochs (on CUDA read one epoch late, so that no epoch waits on the host). The
+    infinity); training stops once no member has improved by ``min_improvement`` (relative) for
+    more than ``patience`` epochs, as MBPO's ``_epochs_since_update > 5`` (on CUDA read one epoch
+    late, so that no epoch waits on the host); ``max_epochs`` caps it (None: no cap, as MBPO). The
     ``num_elites`` best members become the elites. ``step(loss)`` performs the backward pass and
     the optimizer step.
     """
@@ -282,7 +299,10 @@ def fit_ensemble(
     train_in, train_out = inputs[train], targets[train]
     hold_in, hold_out = inputs[hold], targets[hold]
     model.input_norm.fit(train_in)
-    model.target_norm.fit(train_out)
+    if model.normalize_targets:
+        model.target_norm.fit(train_out)
+    else:
+        model.target_norm.reset()  # raw targets (also after a checkpoint that had them normalised)
 
     k = model.ensemble_size
     best = torch.full((k,), float("inf"), device=device)
@@ -296,7 +316,7 @@ def fit_ensemble(
     copied = torch.empty((), dtype=torch.long, pin_memory=device.type == "cuda")
     epoch = 0
     boot = member_bootstraps(train.numel(), k, device, generator)
-    while epoch < max_epochs:
+    while max_epochs is None or epoch < max_epochs:
         boot = boot.gather(1, torch.rand(boot.shape, device=device, generator=generator).argsort(dim=1))  # new order
         for start in range(0, train.numel(), batch_size):
             idx = boot[:, start : start + batch_size]
@@ -312,12 +332,12 @@ def fit_ensemble(
                 best_state[name].copy_(torch.where(keep, p.detach(), best_state[name]))
             since_improvement = torch.where(improved.any(), 0, since_improvement + 1)
         if device.type != "cuda":
-            if int(since_improvement) >= patience:  # free on the CPU
+            if int(since_improvement) > patience:  # free on the CPU
                 break
             continue
         if pending is not None:
             pending.synchronize()  # the epoch before's copy: long finished, the device is busy with this one
-            if int(copied) >= patience:
+            if int(copied) > patience:
                 break
         copied.copy_(since_improvement, non_blocking=True)
         pending = torch.cuda.Event()

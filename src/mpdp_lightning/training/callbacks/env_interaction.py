@@ -1,7 +1,8 @@
 """EnvInteraction: the callback that acts in the real environment and fills the replay buffer.
 
 Before the first update it collects ``warmup_steps`` transitions with uniform random actions
-(updates need data). After that, every ``updates_per_env_step`` updates it takes one env step
+(updates need data), or with the untrained policy's samples (``warmup_policy: policy``, as
+mbpo_pytorch and COPlanner's MuJoCo code do). After that, every ``updates_per_env_step`` updates it takes one env step
 with pi_0 (a sample, not the mode), and it stops training at ``total_env_steps``. It keeps
 ``terminated`` (a true terminal: no bootstrap) apart from ``truncated`` (the time limit: the
 next state still has value), and logs training episodes and the train metrics against env steps.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import numpy as np
@@ -34,7 +35,11 @@ class EnvInteraction(Callback):
 
     Args:
         total_env_steps: env steps of the whole run (warm-up included); training stops there.
-        warmup_steps: env steps with uniform random actions before the first update.
+        warmup_steps: env steps before the first update; None: the algorithm's own
+            (``default_warmup_steps_for``: the task's 5000, inverted_pendulum 1000; MBPO its
+            task's initial exploration, 5000, inverted_pendulum 500).
+        warmup_policy: how the warm-up acts: ``random`` (uniform actions, as SAC and jannerm/mbpo)
+            or ``policy`` (samples of the untrained pi_0, as mbpo_pytorch and COPlanner).
         updates_per_env_step: policy/critic updates between two env steps; None: the algorithm's
             own (``default_updates_per_env_step``: 1; MBPO its task's, 20 or halfcheetah's 40).
         log_every_env_steps: how often the train metrics (means since the last log) are logged.
@@ -44,23 +49,27 @@ class EnvInteraction(Callback):
     def __init__(
         self,
         total_env_steps: PositiveInt = 100_000,
-        warmup_steps: PositiveInt = 5_000,
+        warmup_steps: Optional[PositiveInt] = None,
         updates_per_env_step: Optional[PositiveInt] = None,
         log_every_env_steps: PositiveInt = 1_000,
         seed: Optional[NonNegativeInt] = None,
+        warmup_policy: Literal["random", "policy"] = "random",
     ) -> None:
         for name, value in dict(
             total_env_steps=total_env_steps,
-            warmup_steps=warmup_steps,
+            warmup_steps=1 if warmup_steps is None else warmup_steps,
             updates_per_env_step=1 if updates_per_env_step is None else updates_per_env_step,
             log_every_env_steps=log_every_env_steps,
         ).items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if warmup_steps >= total_env_steps:
+        if warmup_steps is not None and warmup_steps >= total_env_steps:
             raise ValueError(f"warmup_steps ({warmup_steps}) must be below total_env_steps ({total_env_steps})")
-        self.total_env_steps = total_env_steps
+        if warmup_policy not in ("random", "policy"):
+            raise ValueError(f"warmup_policy must be random or policy, got {warmup_policy!r}")
+        self.total_env_steps = int(total_env_steps)
         self.warmup_steps = warmup_steps
+        self.warmup_policy = warmup_policy
         self.updates_per_env_step = updates_per_env_step
         self.log_every_env_steps = log_every_env_steps
         self.seed = seed
@@ -75,6 +84,11 @@ class EnvInteraction(Callback):
 
     # ---- lifecycle ------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.warmup_steps is None:
+            self.warmup_steps = type(pl_module).default_warmup_steps_for(pl_module.task)
+            if self.warmup_steps >= self.total_env_steps:
+                raise ValueError(f"the warm-up ({self.warmup_steps} env steps) must be below total_env_steps "
+                                 f"({self.total_env_steps}): give --env_interaction.warmup_steps")
         if self.env is None:
             self.env = make_env(pl_module.task)
         if self.updates_per_env_step is None:
@@ -100,7 +114,7 @@ class EnvInteraction(Callback):
         self._episode_return, self._episode_length = 0.0, 0
         self._window_start = (pl_module.env_steps, time.perf_counter())
         while pl_module.env_steps < self.warmup_steps:
-            self.env_step(trainer, pl_module, random=True)
+            self.env_step(trainer, pl_module, random=self.warmup_policy == "random")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if pl_module.updates % self.updates_per_env_step == 0:
