@@ -111,6 +111,6 @@ def test_command_logs_to_the_existing_summary_run(store, capsys):
     assert f"summary run {existing[0].info.run_id} of sweep 's1'" in capsys.readouterr().out
     assert len(client.search_runs([experiment_id], "attributes.run_name = 's1-summary'")) == 1
     artifacts = {a.path for a in client.list_artifacts(existing[0].info.run_id)}
-    assert artifacts == {"figures", "seed_table.csv", "seed_table.md", "runs.csv"}
+    assert artifacts == {"figures", "seed_table.csv", "seed_table.md", "runs.csv", "improvement.csv"}
     figures_logged = {a.path for a in client.list_artifacts(existing[0].info.run_id, "figures")}
     assert figures_logged == {"figures/hopper_curves.png", "figures/hopper_final_return_vs_beta.png"}

@@ -25,6 +25,12 @@ seeds as a sample of all seeds; one run gives NaN, not 0) and ``_n``, the runs t
 with a threshold, the per-seed first steps, stays flags and settled steps, the medians of the
 first and settled steps (a run that never reached or settled counts as infinitely late, so the
 median is ``inf``, "never", when at most half the runs did) and ``stays``, how many runs stayed.
+Beside each mean, ``_iqm``, ``_iqm_low`` and ``_iqm_high``: the interquartile mean over the runs
+that have a value and its 95 % stratified-bootstrap CI (``intervals.iqm_interval``; NaN CI for
+one run).
+
+Between groups (``improvement_table``): per task and measure, the probability that a run of one
+group beats a run of another, with its 95 % CI (``intervals.probability_of_improvement``).
 
 Groups are task and algorithm, the sweep when the runs come from several, the params the user
 names (``group_by``) and the params found to differ between runs of the same task and algorithm
@@ -39,6 +45,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+
+from mpdp_lightning.experiments import intervals
 
 FRACTIONS = (0.25, 0.5, 0.75)
 BUDGET_PARAM = "env_interaction.total_env_steps"
@@ -73,6 +81,13 @@ def fraction_column(fraction: float) -> str:
 def short_name(key: str) -> str:
     """``model.init_args.beta`` -> ``beta`` (the CLI's own short form), other keys as they are."""
     return key[len(MODEL_PREFIX):] if key.startswith(MODEL_PREFIX) else key
+
+
+def group_label(group: dict, keys: Sequence[str]) -> str:
+    """``MPDP, beta=0.2``: the algorithm and the group's other key values (task left out)."""
+    parts = [f"{short_name(key)}={group[key]}" for key in keys
+             if key not in ("task", "algo") and isinstance(group[key], str)]
+    return ", ".join([str(group["algo"]), *parts])
 
 
 def _is_bookkeeping(key: str) -> bool:
@@ -221,6 +236,25 @@ def _step_text(step: float) -> str:
     return "never" if math.isnan(step) or math.isinf(step) else f"{step:.0f}"
 
 
+def grouped_per_run(
+    runs: pd.DataFrame,
+    curves: pd.DataFrame,
+    threshold: Optional[float] = None,
+    group_by: Iterable[str] = (),
+    auto_group: bool = True,
+    fractions: Sequence[float] = FRACTIONS,
+) -> tuple[list[str], pd.DataFrame]:
+    """The grouping keys (``group_keys``) and ``per_run`` with every key as a column."""
+    keys = group_keys(runs, group_by, auto_group)
+    stats = per_run(runs, curves, threshold, fractions)
+    extra = [key for key in keys if key not in stats.columns]
+    return keys, stats.merge(runs[["run_id", *extra]], on="run_id", how="left")
+
+
+def measure_columns(fractions: Sequence[float] = FRACTIONS) -> list[str]:
+    return [*(fraction_column(f) for f in (*fractions, 1)), "auc"]
+
+
 def seed_table(
     runs: pd.DataFrame,
     curves: pd.DataFrame,
@@ -228,25 +262,27 @@ def seed_table(
     group_by: Iterable[str] = (),
     auto_group: bool = True,
     fractions: Sequence[float] = FRACTIONS,
+    reps: int = intervals.REPS,
+    bootstrap_seed: int = intervals.SEED,
 ) -> pd.DataFrame:
     """One row per group (see ``group_keys``), numeric: the module docstring says what each
-    column holds. The grouping keys come first, in order; rows are sorted by them."""
-    keys = group_keys(runs, group_by, auto_group)
-    stats = per_run(runs, curves, threshold, fractions)
-    extra = [key for key in keys if key not in stats.columns]
-    stats = stats.merge(runs[["run_id", *extra]], on="run_id", how="left")
-    measures = [*(fraction_column(f) for f in (*fractions, 1)), "auc"]
+    column holds. The grouping keys come first, in order; rows are sorted by them. ``reps`` and
+    ``bootstrap_seed``: the bootstrap of the IQM's CI."""
+    keys, stats = grouped_per_run(runs, curves, threshold, group_by, auto_group, fractions)
+    measures = measure_columns(fractions)
     rows = []
     for values, group in stats.groupby(keys, dropna=False, sort=False):
         row = dict(zip(keys, values))
         group = group.sort_values("seed", key=_numeric_order, kind="stable")
         seeds = ["?" if pd.isna(seed) else str(seed) for seed in group["seed"]]  # "?": a run without a seed
         row.update(runs=len(group), seeds=" ".join(seeds), budget=group["budget"].max())
-        for measure in measures:
+        iqm, low, high = intervals.iqm_interval(group[measures].to_numpy(dtype=float), reps, bootstrap_seed)
+        for i, measure in enumerate(measures):
             column = group[measure].dropna()
             row[measure] = column.mean() if len(column) else math.nan
             row[f"{measure}_std"] = column.std(ddof=1) if len(column) else math.nan
             row[f"{measure}_n"] = len(column)
+            row[f"{measure}_iqm"], row[f"{measure}_iqm_low"], row[f"{measure}_iqm_high"] = iqm[i], low[i], high[i]
         if threshold is not None:
             firsts = group["first_step"].to_numpy(dtype=float)
             row["threshold"] = threshold
@@ -264,6 +300,58 @@ def seed_table(
     return sort_groups(table, keys)
 
 
+IMPROVEMENT_MEASURES = ("return@end", "auc")
+IMPROVEMENT_COLUMNS = ["task", "measure", "arm", "other", "p_improvement", "low", "high", "arm_n", "other_n"]
+
+
+def improvement_table(
+    runs: pd.DataFrame,
+    curves: pd.DataFrame,
+    group_by: Iterable[str] = (),
+    auto_group: bool = True,
+    measures: Sequence[str] = IMPROVEMENT_MEASURES,
+    reps: int = intervals.REPS,
+    bootstrap_seed: int = intervals.SEED,
+) -> pd.DataFrame:
+    """Per task, measure (columns of ``per_run``) and ordered pair of groups (arms, named by
+    ``group_label``): ``p_improvement``, P(a run of ``arm`` > a run of ``other``), its 95 % CI
+    (``low``, ``high``) and how many runs of each had a value. Both orders of a pair are rows;
+    the second is derived from the first, P(Y > X) = 1 - P(X > Y) (ties count half), with the
+    same bootstrap resamples, so its CI is [1 - high, 1 - low]."""
+    keys, stats = grouped_per_run(runs, curves, None, group_by, auto_group)
+    rows = []
+    for task, of_task in stats.groupby("task", sort=True):
+        arms = [(group_label(dict(zip(keys, values)), keys), group)
+                for values, group in sort_groups(of_task, keys).groupby(keys, dropna=False, sort=False)]
+        for measure in measures:
+            for i, (arm, x) in enumerate(arms):
+                for other, y in arms[i + 1:]:
+                    p, low, high = intervals.probability_of_improvement(x[measure], y[measure], reps, bootstrap_seed)
+                    n_x, n_y = int(x[measure].notna().sum()), int(y[measure].notna().sum())
+                    rows.append([task, measure, arm, other, p, low, high, n_x, n_y])
+                    rows.append([task, measure, other, arm, 1 - p, 1 - high, 1 - low, n_y, n_x])
+    return pd.DataFrame(rows, columns=IMPROVEMENT_COLUMNS)
+
+
+def _interval(point: float, low: float, high: float, digits: int) -> str:
+    return f"{point:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"  # NaN (one run) prints as "nan"
+
+
+def format_improvement(improvement: pd.DataFrame) -> pd.DataFrame:
+    """``improvement_table`` for reading: each pair of arms once, the more likely winner first
+    (of a tie, the pair's first order), as "P(X > Y)" and "p [low, high]"; "-" where an arm has no
+    run with a value."""
+    shown = []
+    rows = list(improvement.itertuples(index=False))
+    for first, reverse in zip(rows[0::2], rows[1::2]):  # improvement_table's pairs of rows
+        row = reverse if first.p_improvement < 0.5 else first  # NaN compares False: the first
+        value = "-" if math.isnan(row.p_improvement) else _interval(row.p_improvement, row.low, row.high, 2)
+        shown.append({"task": row.task, "measure": "mean return (AUC)" if row.measure == "auc" else row.measure,
+                      "comparison": f"P({row.arm} > {row.other})", "P [95 % CI]": value,
+                      "runs": f"{row.arm_n} vs {row.other_n}"})
+    return pd.DataFrame(shown, columns=["task", "measure", "comparison", "P [95 % CI]", "runs"])
+
+
 def _mean_std(mean: float, std: float, n: int, runs: int) -> str:
     if n == 0:
         return "-"
@@ -272,20 +360,27 @@ def _mean_std(mean: float, std: float, n: int, runs: int) -> str:
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
-    """``seed_table`` for reading: "mean ± std" per measure (with "(n=k)" where fewer runs than
-    the group's have a value), params by their short names, never-reached steps as "never"."""
+    """``seed_table`` for reading: "mean ± std" per measure, then "IQM [low, high]" per measure
+    (each with "(n=k)" where fewer runs than the group's have a value), params by their short
+    names, never-reached steps as "never"."""
     keys = list(table.columns[: list(table.columns).index("runs")])
     shown = pd.DataFrame({short_name(key): table[key].fillna("-").astype(str) for key in keys})
     shown["runs"] = table["runs"].astype(int)
     shown["seeds"] = table["seeds"]
-    measures = [c for c in table.columns if c.startswith("return@") and not c.endswith(("_std", "_n"))] + ["auc"]
+    measures = [c for c in table.columns if c.startswith("return@") and "_" not in c] + ["auc"]
+    measures = [measure for measure in measures if measure in table]
     for measure in measures:
-        if measure not in table:
-            continue
         label = "mean return (AUC)" if measure == "auc" else measure
         shown[label] = [
             _mean_std(m, s, int(n), int(r))
             for m, s, n, r in zip(table[measure], table[f"{measure}_std"], table[f"{measure}_n"], table["runs"])
+        ]
+    for measure in measures:
+        label = "IQM " + ("mean return (AUC)" if measure == "auc" else measure)
+        shown[label] = [
+            "-" if n == 0 else _interval(q, low, high, 1) + ("" if n == r else f" (n={int(n)})")
+            for q, low, high, n, r in zip(table[f"{measure}_iqm"], table[f"{measure}_iqm_low"],
+                                          table[f"{measure}_iqm_high"], table[f"{measure}_n"], table["runs"])
         ]
     if "threshold" in table:
         at = f"{table['threshold'].iloc[0]:g}"
