@@ -40,12 +40,54 @@ def test_runs_are_aligned_on_the_union_of_their_steps():
 
 
 def test_a_log_axis_gets_a_geometric_band_that_stays_positive():
-    # model errors spread over a decade: mean - std would be below 0 and vanish from a log axis
+    # model errors spread over a decade: on a log axis the line and band are taken of log(error)
     curves = pd.DataFrame({"run_id": ["a", "b", "c"], "env_steps": [1000] * 3, "value": [0.001, 0.01, 0.1]})
-    assert figures.aligned(curves)["lower"].iloc[0] < 0
+    assert figures.aligned(curves)["iqm"].iloc[0] == pytest.approx(0.111 / 3)  # arithmetic: 3 runs, none cut
     curve = figures.aligned(curves, log=True)
     assert curve["mean"].iloc[0] == pytest.approx(0.01)  # the geometric mean
+    assert curve["iqm"].iloc[0] == pytest.approx(0.01)
+    # three runs: all three resamples equal to the smallest (or largest) run is 1/27 > 2.5 %, so
+    # the 95 % band spans exactly from the smallest to the largest error, positive
     assert curve["lower"].iloc[0] == pytest.approx(0.001) and curve["upper"].iloc[0] == pytest.approx(0.1)
+
+
+CAP = 1000.0  # inverted_pendulum's maximum return
+CAPPED = {"a": [200.0, 600.0, CAP, CAP, CAP], "b": [300.0, CAP, CAP, CAP, CAP],
+          "c": [100.0, 900.0, CAP, CAP, CAP], "d": [50.0, 400.0, 400.0, 400.0, 400.0]}
+
+
+def _capped_runs() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Four seeds of one group, three of which sit at the maximum return from 3000 env steps on."""
+    curves = pd.DataFrame([{"run_id": run, "env_steps": 1000 * (i + 1), "value": value}
+                           for run, values in CAPPED.items() for i, value in enumerate(values)])
+    runs = pd.DataFrame({"run_id": list(CAPPED), "task": "inverted_pendulum", "algo": "MPDP", "sweep": None})
+    return runs, curves
+
+
+def test_the_band_stays_within_the_returns_the_runs_reached():
+    runs, curves = _capped_runs()
+    values = np.array(list(CAPPED.values()))
+    low, high = values.min(axis=0), values.max(axis=0)
+    assert (values.mean(axis=0) + values.std(axis=0, ddof=1) > CAP).any()  # what mean + std drew
+    curve = figures.aligned(curves, reps=300)
+    assert (curve["lower"] >= low).all() and (curve["upper"] <= high).all()
+    assert (curve["lower"] <= curve["iqm"]).all() and (curve["iqm"] <= curve["upper"]).all()
+    assert curve["iqm"].iloc[-1] == CAP  # of four runs the IQM cuts the lowest and the highest
+    figure = figures.task_figure("inverted_pendulum", runs, {"eval/return": curves}, ["task", "algo"])
+    (band,) = _bands(figure.axes[0])
+    steps = curve["env_steps"].to_numpy()
+    for x, y in band.get_paths()[0].vertices:  # every corner of the drawn band, at an env step
+        at = np.flatnonzero(np.isclose(steps, x))
+        assert len(at) == 1 and low[at[0]] - 1e-9 <= y <= high[at[0]] + 1e-9
+    assert "IQM" in figure.get_suptitle() and "95 % bootstrap CI" in figure.get_suptitle()
+
+
+def test_a_band_is_reproducible():
+    _, curves = _capped_runs()
+    first, again = figures.aligned(curves, reps=200), figures.aligned(curves, reps=200)
+    pd.testing.assert_frame_equal(first, again)
+    other = figures.aligned(curves, reps=200, bootstrap_seed=1)
+    assert not np.allclose(first["lower"], other["lower"]) or not np.allclose(first["upper"], other["upper"])
 
 
 def test_one_band_per_algorithm_and_override(made):

@@ -1,12 +1,18 @@
-"""Figures over seeds in the style of the paper's: per task, the mean curve and a shaded ±std band
-per algorithm and override values against env steps (Fig. 1), with MPDP's mean imagined horizon
+"""Figures over seeds in the style of the paper's: per task, a curve and a shaded band per
+algorithm and override values against env steps (Fig. 1), with MPDP's mean imagined horizon
 (Fig. 2) and the world model's error (Fig. 3) as further panels where runs logged them, and the
 final eval return against beta (Fig. 4) where the runs vary ``model.init_args.beta``.
 
+The curve is the interquartile mean (IQM) over the runs and the band its 95 % stratified-bootstrap
+CI (``intervals.iqm_interval``), as rliable's plots draw them, not the paper's mean ± std: a
+bootstrap of resampled runs stays within the values the runs reached, where mean + std of seeds
+at a capped return (inverted_pendulum's 1000) goes above the cap.
+
 Aligning runs: a group's runs are put on the union of the env steps at which any of them logged
 the metric, each run linearly interpolated between its own points and never extrapolated past
-its first or last one. At each step the mean and the sample std (ddof=1) are over the runs that
-cover it (of log values for the model error, drawn on a log axis: a geometric mean and band). The line is solid where every run of the group covers the step and dotted where fewer
+its first or last one. At each step the IQM and its CI are over the runs that cover it (of log
+values for the model error, drawn on a log axis, so the band is taken on the axis the eye
+reads). The line is solid where every run of the group covers the step and dotted where fewer
 do (a run that stopped early or is still running); the band is drawn where at least two runs
 cover the step (one run has no spread to show). With runs of one config, which evaluate at the
 same env steps, the union grid is the common eval grid and nothing is interpolated.
@@ -30,7 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
-from mpdp_lightning.experiments import seeds
+from mpdp_lightning.experiments import intervals, seeds
 
 BETA = "model.init_args.beta"
 # metric: (panel title, y label, log scale)
@@ -42,14 +48,16 @@ PANELS = {
 PANEL_WIDTH, PANEL_HEIGHT = 5.2, 3.9
 
 
-def aligned(curves: pd.DataFrame, log: bool = False) -> pd.DataFrame:
+def aligned(curves: pd.DataFrame, log: bool = False, reps: int = intervals.REPS,
+            bootstrap_seed: int = intervals.SEED) -> pd.DataFrame:
     """The runs of ``curves`` (run_id, env_steps, value) on the union of their env steps (see the
-    module docstring): env_steps, mean, std (ddof=1; NaN where fewer than two runs), the band's
-    lower and upper edges, runs (how many runs cover the step).
+    module docstring): env_steps, mean, std (ddof=1; NaN where fewer than two runs), iqm, the
+    band's lower and upper edges (the IQM's 95 % CI; NaN where fewer than two runs), runs (how
+    many runs cover the step).
 
     With ``log`` (a positive quantity drawn on a log axis, the model error) the statistics are taken
-    of log(value): the mean is the geometric mean and the band mean ×/÷ exp(std), which stays
-    positive; mean - std of a spread-out positive quantity goes below 0 and off a log axis.
+    of log(value) and mapped back: the mean is the geometric mean, std the factor exp(std), and
+    the band stays positive and within the runs' values.
     """
     grid = np.unique(curves["env_steps"].to_numpy(dtype=float))
     matrix = np.full((curves["run_id"].nunique(), len(grid)), np.nan)
@@ -61,16 +69,16 @@ def aligned(curves: pd.DataFrame, log: bool = False) -> pd.DataFrame:
         matrix[row, inside] = np.interp(grid[inside], steps, values)
     frame = pd.DataFrame(matrix)
     mean, std = frame.mean().to_numpy(), frame.std(ddof=1).to_numpy()
-    lower, upper = mean - std, mean + std
+    iqm, lower, upper = intervals.iqm_interval(matrix, reps, bootstrap_seed)
     if log:
-        mean, std, lower, upper = np.exp(mean), np.exp(std), np.exp(lower), np.exp(upper)
-    return pd.DataFrame({"env_steps": grid, "mean": mean, "std": std, "lower": lower, "upper": upper,
-                         "runs": frame.count().to_numpy()})
+        mean, std, iqm, lower, upper = (np.exp(a) for a in (mean, std, iqm, lower, upper))
+    return pd.DataFrame({"env_steps": grid, "mean": mean, "std": std, "iqm": iqm, "lower": lower,
+                         "upper": upper, "runs": frame.count().to_numpy()})
 
 
 def draw_band(ax: Axes, curve: pd.DataFrame, runs: int, color, label: str) -> None:
-    """Mean line (solid where all ``runs`` cover the step, dotted where fewer) and ±std band."""
-    steps, mean = curve["env_steps"].to_numpy(), curve["mean"].to_numpy()
+    """IQM line (solid where all ``runs`` cover the step, dotted where fewer) and its CI band."""
+    steps, mean = curve["env_steps"].to_numpy(), curve["iqm"].to_numpy()
     full = curve["runs"].to_numpy() >= runs
     if not full.all():
         ax.plot(steps, mean, color=color, linestyle=":", linewidth=1.2, label="_partial")
@@ -86,13 +94,6 @@ def _env_steps_axis(ax: Axes) -> None:
     ax.set_xlabel("env steps")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k" if abs(x) >= 1000 else f"{x:g}"))
     ax.grid(alpha=0.3)
-
-
-def group_label(group: dict, keys: Sequence[str]) -> str:
-    """``MPDP, beta=0.2``: the algorithm and the group's other key values (task left out)."""
-    parts = [f"{seeds.short_name(key)}={group[key]}" for key in keys
-             if key not in ("task", "algo") and isinstance(group[key], str)]
-    return ", ".join([str(group["algo"]), *parts])
 
 
 def _groups(runs: pd.DataFrame, keys: Sequence[str]) -> list[tuple[dict, list[str]]]:
@@ -117,7 +118,7 @@ def _colors(count: int) -> list:
 def task_figure(task: str, runs: pd.DataFrame, curves: dict[str, pd.DataFrame], keys: Sequence[str],
                 threshold: Optional[float] = None) -> Figure:
     """The figure of one task: a panel per metric of ``PANELS`` that its runs logged (eval return
-    always), one mean line and band per group of ``keys`` (``seeds.group_keys``), a shared legend
+    always), one IQM line and CI band per group of ``keys`` (``seeds.group_keys``), a shared legend
     below with each group's number of runs."""
     task_runs = runs[runs["task"] == task]
     ids = set(task_runs["run_id"])
@@ -137,7 +138,7 @@ def task_figure(task: str, runs: pd.DataFrame, curves: dict[str, pd.DataFrame], 
             points = frame[frame["run_id"].isin(run_ids)]
             if points.empty:
                 continue
-            label = f"{group_label(values, keys)} (n={len(run_ids)})"
+            label = f"{seeds.group_label(values, keys)} (n={len(run_ids)})"
             draw_band(ax, aligned(points, log=log), points["run_id"].nunique(), color, label)
         if metric == "eval/return" and threshold is not None:
             ax.axhline(threshold, color="0.4", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
@@ -152,17 +153,18 @@ def task_figure(task: str, runs: pd.DataFrame, curves: dict[str, pd.DataFrame], 
         handles["dotted: fewer runs than n"] = Line2D([], [], color="0.3", linestyle=":", linewidth=1.2)
     sweeps = sorted(set(task_runs["sweep"].dropna()))
     where = f" (sweep {sweeps[0]})" if len(sweeps) == 1 else ""
-    figure.suptitle(f"{task}{where}: mean ± std over seeds", fontsize="large")
+    figure.suptitle(f"{task}{where}: IQM over seeds, shaded: its 95 % bootstrap CI", fontsize="large")
     if handles:
         figure.legend(list(handles.values()), list(handles), loc="outside lower center",
                       ncols=min(len(handles), max(1, len(metrics)) + 1), fontsize="small", frameon=False)
     return figure
 
 
-def beta_figure(task: str, stats: pd.DataFrame, keys: Sequence[str]) -> Optional[Figure]:
+def beta_figure(task: str, stats: pd.DataFrame, keys: Sequence[str], reps: int = intervals.REPS) -> Optional[Figure]:
     """Final eval return (``return@end`` of ``seeds.per_run``, with the runs' params as columns)
-    against beta, mean ± std (ddof=1) over the runs of each beta that reached the end of their
-    budget, one line per algorithm and other override values; None when no line has two betas."""
+    against beta, the IQM and its 95 % bootstrap CI over the runs of each beta that reached the
+    end of their budget (no bar for one run), one line per algorithm and other override values;
+    None when no line has two betas."""
     if BETA not in stats:
         return None
     rows = stats[(stats["task"] == task) & stats[BETA].notna()].copy()
@@ -177,14 +179,16 @@ def beta_figure(task: str, stats: pd.DataFrame, keys: Sequence[str]) -> Optional
     ax = figure.subplots()
     for (values, part), color in zip(series, _colors(len(series))):
         by_beta = part.groupby("beta")["return@end"]
-        mean, std, n = by_beta.mean(), by_beta.std(ddof=1), by_beta.count()
+        n = by_beta.count()
+        estimates = np.array([intervals.iqm_interval(runs_of_beta.to_numpy(), reps) for _, runs_of_beta in by_beta])
+        iqm, low, high = estimates[:, :, 0].T
         counts = f"n={n.min()}" if n.min() == n.max() else f"n={n.min()}-{n.max()}"
-        ax.errorbar(mean.index, mean.to_numpy(), yerr=std.to_numpy(), color=color, marker="o", capsize=4,
-                    label=f"{group_label(values, series_keys)} ({counts} per beta)")
+        ax.errorbar(n.index, iqm, yerr=np.array([iqm - low, high - iqm]), color=color, marker="o", capsize=4,
+                    label=f"{seeds.group_label(values, series_keys)} ({counts} per beta)")
     betas = sorted(rows["beta"].unique())
     ax.set_xticks(betas)
     ax.set_xlabel("beta (model.init_args.beta)")
-    ax.set_ylabel("eval return at the end of the budget")
+    ax.set_ylabel("eval return at the end of the budget\n(IQM, bars: 95 % bootstrap CI)")
     ax.set_title(f"{task}: final eval return against beta (Fig. 4)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
