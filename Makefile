@@ -50,6 +50,7 @@ sweep: install-sweep
 	$(PY) -m mpdp_lightning.experiments.sweep $(SWEEP) $(ARGS)
 
 # make compare ARGS="--experiment ip-sac-vs-mpdp --sweep ip-sac-vs-mpdp --threshold 900 --out figures"
+# From the committed trial records, without MLflow: ARGS="--records benchmarks/results --sweep ip-all-algos"
 compare: install
 	$(PY) -m mpdp_lightning.experiments.compare $(ARGS)
 

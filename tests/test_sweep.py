@@ -1,5 +1,6 @@
-"""Sweeps on Ray Tune: a tiny sweep runs its trials into one MLflow experiment, running it again
-starts no trial, and a trial interrupted mid-run resumes from its checkpoint, same MLflow run."""
+"""Sweeps on Ray Tune: a tiny sweep runs its trials into one MLflow experiment and writes each
+finished trial's record, running it again starts no trial, and a trial interrupted mid-run resumes
+from its checkpoint, same MLflow run."""
 
 import json
 import os
@@ -32,7 +33,8 @@ def _sweep_file(folder: Path, seeds=(0, 1), **more) -> Path:
 
 
 def _place(folder: Path) -> Place:
-    return Place(ROOT / "conf", folder / "store", f"sqlite:///{folder / 'mlflow.db'}")
+    """Where ``_run_sweep`` writes (its records: the default benchmarks/results of its folder)."""
+    return Place(ROOT / "conf", folder / "store", f"sqlite:///{folder / 'mlflow.db'}", folder / "benchmarks/results/tiny")
 
 
 def _run_sweep(folder: Path, sweep_file: Path, compare: bool = False, *more: str) -> subprocess.CompletedProcess:
@@ -111,7 +113,7 @@ def test_a_tiny_sweep_runs_its_trials_and_running_it_again_starts_none(tmp_path)
     sweep_file = _sweep_file(tmp_path)
     first = _run_sweep(tmp_path, sweep_file, False, "--max-concurrent", "1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "2 trials: 0 finished, 0 to resume, 2 to start" in first.stdout
+    assert "2 trials: 0 finished (0 of them from records in" in first.stdout and "0 to resume, 2 to start" in first.stdout
     assert "(up to 1 at a time)" in first.stdout
 
     runs = _runs(tmp_path)
@@ -124,10 +126,22 @@ def test_a_tiny_sweep_runs_its_trials_and_running_it_again_starts_none(tmp_path)
     windows = sorted((r.info.start_time, r.info.end_time) for r in runs)
     assert windows[0][1] <= windows[1][0], windows
     assert all((tmp_path / "store" / r.data.tags["trial"] / "done.json").is_file() for r in runs)
+    # each finished trial wrote its record: its curve, config, commit and wall time
+    client = MlflowClient(_place(tmp_path).tracking_uri)
+    for run in runs:
+        record = json.loads((tmp_path / f"benchmarks/results/tiny/{run.data.tags['trial']}.json").read_text())
+        assert (record["trial"], record["algo"], record["seed"], record["written_by"]) == (
+            run.data.tags["trial"], "SAC", int(run.data.tags["seed"]), "sweep")
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/return"))
+        assert [tuple(point) for point in record["curves"]["eval/return"]] == history and len(history) == 3
+        assert record["config"] == run.data.params and record["git_commit"] == run.data.params["git_commit"]
+        done = json.loads((tmp_path / "store" / run.data.tags["trial"] / "done.json").read_text())
+        assert record["wall_seconds"] == round(done["seconds"], 3) and record["env_steps"] == 300
+        assert record["machine"]["trial_threads"] == 1
 
     again = _run_sweep(tmp_path, sweep_file, compare=True)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "2 trials: 2 finished, 0 to resume, 0 to start" in again.stdout
+    assert "2 trials: 2 finished (0 of them from records in" in again.stdout and "0 to resume, 0 to start" in again.stdout
     assert "Ray" not in again.stdout + again.stderr, "no trial, so not even Ray is started"
     assert [(r.info.run_id, r.info.end_time) for r in _runs(tmp_path)] == [(r.info.run_id, r.info.end_time) for r in runs]
     # the comparison over the seeds, written beside the trials and logged to the sweep's summary run
@@ -174,11 +188,13 @@ def test_a_sweep_stopped_mid_trial_resumes_that_trial_from_its_checkpoint(tmp_pa
 
     resumed = _run_sweep(tmp_path, sweep_file)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "1 trials: 0 finished, 1 to resume, 0 to start" in resumed.stdout
+    assert "1 trials: 0 finished (0 of them from records in" in resumed.stdout and "1 to resume, 0 to start" in resumed.stdout
     assert f"resumed at env step {found[1]}" in log.read_text() and "run finished at 2000 of 2000 env steps" in log.read_text()
     (run,) = _runs(tmp_path)
     assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
     assert (place.trial_dir(trial) / "done.json").is_file()
+    record = json.loads(place.record(trial).read_text())
+    assert record["run"]["run_id"] == run.info.run_id and record["env_steps"] == 2000
 
 
 def test_a_bad_max_concurrent_is_refused_before_any_work(tmp_path, capsys):
@@ -190,3 +206,4 @@ def test_a_bad_max_concurrent_is_refused_before_any_work(tmp_path, capsys):
     assert stopped.value.code == 2
     assert "--max-concurrent: must be a positive integer, got '0'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
+

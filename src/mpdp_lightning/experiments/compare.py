@@ -1,7 +1,8 @@
-"""Compare runs from the MLflow store: load them, and the command line that prints the table over
-seeds and writes the figures.
+"""Compare runs from the MLflow store and from trial records (``records``, JSON files kept in git):
+load them, and the command line that prints the table over seeds and writes the figures.
 
     python -m mpdp_lightning.experiments.compare --experiment mpdp --sweep ip-beta --threshold 900 --out compare/
+    python -m mpdp_lightning.experiments.compare --records benchmarks/results --sweep ip-all-algos --threshold 900
 
 ``seeds`` aggregates over seeds, ``figures`` draws the paper-style figures and ``summary_run`` puts
 them into the sweep's summary run in MLflow; notebooks/runs.ipynb uses the same functions.
@@ -80,25 +81,27 @@ def _run_columns(run: Run) -> dict:
     }
 
 
-def _runs_frame(runs: list[Run]) -> pd.DataFrame:
-    rows = []
-    for run in runs:
-        row = {**run.data.params}
-        row.update(_run_columns(run))
-        row.update(sweep=run.data.tags.get("sweep"), preset=run.data.tags.get("preset", run.data.params.get("preset")),
-                   start_time=run.info.start_time)
-        rows.append(row)
+def _run_row(run: Run) -> dict:
+    row = {**run.data.params}
+    row.update(_run_columns(run))
+    row.update(sweep=run.data.tags.get("sweep"), preset=run.data.tags.get("preset", run.data.params.get("preset")),
+               start_time=run.info.start_time)
+    return row
+
+
+def _runs_frame(rows: list[dict]) -> pd.DataFrame:
     meta = ["run_id", "run_name", "task", "algo", "seed", "status", "sweep", "preset", "start_time"]
     frame = pd.DataFrame(rows, columns=list(dict.fromkeys(meta + sorted({k for row in rows for k in row}))))
     return frame.sort_values(["task", "algo", "start_time"], ignore_index=True)
 
 
-def _curves_frame(client: MlflowClient, runs: list[Run], metric: str) -> pd.DataFrame:
-    rows = []
-    for run in runs:
-        columns = _run_columns(run)
-        for point in latest_attempt(client.get_metric_history(run.info.run_id, metric)):
-            rows.append({**columns, "env_steps": point.step, "value": point.value})
+def _curve_rows(client: MlflowClient, run: Run, metric: str) -> list[dict]:
+    columns = _run_columns(run)
+    return [{**columns, "env_steps": point.step, "value": point.value}
+            for point in latest_attempt(client.get_metric_history(run.info.run_id, metric))]
+
+
+def _curves_frame(rows: list[dict]) -> pd.DataFrame:
     columns = ["run_id", "run_name", "task", "algo", "seed", "status", "env_steps", "value"]
     return pd.DataFrame(rows, columns=columns).sort_values(["run_name", "env_steps"], ignore_index=True)
 
@@ -113,7 +116,7 @@ def load_runs(
     tag ``seed``, else the param ``seed_everything``), status, sweep, preset, start_time, then
     every param under its own name (``model.init_args.beta``, ...), as text."""
     client = MlflowClient(tracking_uri)
-    return _runs_frame(training_runs(client, experiment, filter_string, sweep))
+    return _runs_frame([_run_row(run) for run in training_runs(client, experiment, filter_string, sweep)])
 
 
 def load_curves(
@@ -127,21 +130,41 @@ def load_curves(
     status, env_steps, value. Where a resumed run logged a step twice, the latest attempt's value
     (see ``latest_attempt``)."""
     client = MlflowClient(tracking_uri)
-    return _curves_frame(client, training_runs(client, experiment, filter_string, sweep), metric)
+    return _curves_frame([row for run in training_runs(client, experiment, filter_string, sweep)
+                          for row in _curve_rows(client, run, metric)])
 
 
 def load_comparison(
-    tracking_uri: str = DEFAULT_TRACKING_URI,
+    tracking_uri: Optional[str] = DEFAULT_TRACKING_URI,
     experiment: str = "mpdp",
     filter_string: str = "",
     sweep: Optional[str] = None,
     metrics: Iterable[str] = FIGURE_METRICS,
+    records: Iterable[str | os.PathLike] = (),
 ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """``load_runs`` and ``load_curves`` of each of ``metrics`` from one search:
-    ``(runs, {metric: curves})``, what ``seeds.seed_table`` and ``figures.make_figures`` take."""
-    client = MlflowClient(tracking_uri)
-    found = training_runs(client, experiment, filter_string, sweep)
-    return _runs_frame(found), {metric: _curves_frame(client, found, metric) for metric in metrics}
+    ``(runs, {metric: curves})``, what ``seeds.seed_table`` and ``figures.make_figures`` take.
+
+    ``records``: folders of trial records (``records.record_files``), read as well; a trial
+    (sweep and trial key) both in MLflow and in the records counts once, as its MLflow run, which
+    a resumed trial may have taken further. With records, a store without ``experiment`` adds no
+    runs; ``tracking_uri`` None: the records alone, MLflow untouched."""
+    from mpdp_lightning.experiments import records as trial_records
+
+    metrics, records = list(metrics), list(records)
+    found: list[Run] = []
+    client = MlflowClient(tracking_uri) if tracking_uri is not None else None
+    if client is not None and (not records or client.get_experiment_by_name(experiment) is not None):
+        found = training_runs(client, experiment, filter_string, sweep)
+    rows = [_run_row(run) for run in found]
+    curves = {metric: [row for run in found for row in _curve_rows(client, run, metric)] for metric in metrics}
+    in_mlflow = {(run.data.tags.get("sweep"), run.data.tags.get("trial")) for run in found}
+    for record in trial_records.load_records(records, sweep):
+        if (record["sweep"], record["trial"]) not in in_mlflow:
+            rows.append(trial_records.run_row(record))
+            for metric in metrics:
+                curves[metric] += trial_records.curve_rows(record, metric)
+    return _runs_frame(rows), {metric: _curves_frame(rows_) for metric, rows_ in curves.items()}
 
 
 def write_comparison(
@@ -153,14 +176,17 @@ def write_comparison(
     group_by: Iterable[str] = (),
     filter_string: str = "",
     auto_group: bool = True,
+    records: Iterable[str | os.PathLike] = (),
 ) -> list[Path]:
-    """Load the training runs of ``experiment`` (of ``sweep``, when given) and ``write_report``
-    them into ``out_dir``. Returns the paths written. Raises ValueError when there are none."""
-    runs, curves = load_comparison(tracking_uri, experiment, filter_string, sweep)
+    """Load the training runs of ``experiment`` (of ``sweep``, when given) and those of the
+    ``records`` folders (see ``load_comparison``) and ``write_report`` them into ``out_dir``.
+    Returns the paths written. Raises ValueError when there are none."""
+    records = list(records)
+    runs, curves = load_comparison(tracking_uri, experiment, filter_string, sweep, records=records)
     if runs.empty:
-        raise ValueError(_no_runs_message(tracking_uri, experiment, sweep, filter_string))
+        raise ValueError(_no_runs_message(tracking_uri, experiment, sweep, filter_string, records))
     return write_report(runs, curves, out_dir, threshold, group_by, auto_group,
-                        source=_source(tracking_uri, experiment, sweep))
+                        source=_source(tracking_uri, experiment, sweep, records))
 
 
 def write_report(
@@ -195,18 +221,27 @@ def write_report(
     return written
 
 
-def _source(tracking_uri: str, experiment: str, sweep: Optional[str]) -> str:
-    return f"experiment {experiment!r}" + (f", sweep {sweep!r}" if sweep else "") + f" in {tracking_uri}"
+def _source(tracking_uri: Optional[str], experiment: str, sweep: Optional[str], records: Iterable = ()) -> str:
+    records = ", ".join(map(str, records))
+    if tracking_uri is None:
+        return (f"sweep {sweep!r} in " if sweep else "") + f"records {records}"
+    return (f"experiment {experiment!r}" + (f", sweep {sweep!r}" if sweep else "") + f" in {tracking_uri}"
+            + (f" and records {records}" if records else ""))
 
 
-def _no_runs_message(tracking_uri: str, experiment: str, sweep: Optional[str], filter_string: str) -> str:
-    message = f"no training runs in {_source(tracking_uri, experiment, sweep)}"
+def _no_runs_message(tracking_uri: Optional[str], experiment: str, sweep: Optional[str], filter_string: str,
+                     records: Iterable = ()) -> str:
+    records = list(records)
+    message = f"no training runs in {_source(tracking_uri, experiment, sweep, records)}"
     if filter_string:
         message += f" matching {filter_string!r}"
     if sweep:
-        client = MlflowClient(tracking_uri)
-        tagged = [run.data.tags.get("sweep") for run in training_runs(client, experiment)]
-        names = sorted({name for name in tagged if name})
+        names: set = set()
+        client = MlflowClient(tracking_uri) if tracking_uri is not None else None
+        if client is not None and client.get_experiment_by_name(experiment) is not None:
+            names |= {run.data.tags.get("sweep") for run in training_runs(client, experiment)}
+        names |= {path.parent.name for folder in records for path in Path(folder).glob("*/*.json")}
+        names = sorted(name for name in names if name)
         message += f"; sweeps there: {', '.join(names) if names else 'none'}"
     return message
 
@@ -279,8 +314,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         description="Compare training runs from the MLflow store: a table over seeds (mean ± std of"
         " eval return at 25/50/75 % of the budget and at the end, area under the curve, first env step"
         " at a threshold) per task, algorithm and override values, and the paper-style figures.")
-    parser.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    parser.add_argument("--tracking-uri", default=None,
+                        help=f"the MLflow store (default {DEFAULT_TRACKING_URI}; with --records, only where it exists)")
     parser.add_argument("--experiment", default="mpdp")
+    parser.add_argument("--records", action="append", default=[], metavar="DIR",
+                        help="trial records too (repeatable): a folder of *.json records, or a parent such as"
+                        " benchmarks/results (its --sweep subfolder, or every sweep's); a trial also in MLflow"
+                        " counts once, as its MLflow run")
     parser.add_argument("--sweep", default=None, metavar="NAME", help="only the runs tagged sweep=NAME")
     parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"tags.task = 'hopper'\"")
     parser.add_argument("--threshold", type=float, default=None,
@@ -310,10 +350,21 @@ def main(argv: Optional[list[str]] = None) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from mpdp_lightning.experiments import seeds
 
-    runs, curves = load_comparison(args.tracking_uri, args.experiment, args.filter, args.sweep,
-                                   list(dict.fromkeys([*FIGURE_METRICS, args.metric])))
+    store = args.tracking_uri
+    if store is None:  # records alone read no MLflow store, and create none
+        store = None if args.records and not Path("mlflow.db").is_file() else DEFAULT_TRACKING_URI
+    if args.records and args.filter:
+        raise ValueError("--filter searches MLflow runs; records cannot be filtered by it (use --sweep)")
+    if args.log_to_mlflow and store is None:
+        raise ValueError("--log-to-mlflow needs an MLflow store (--tracking-uri): there is no mlflow.db here")
+    for folder in args.records:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--records {folder} is not a folder")
+    source = _source(store, args.experiment, args.sweep, args.records)
+    runs, curves = load_comparison(store, args.experiment, args.filter, args.sweep,
+                                   list(dict.fromkeys([*FIGURE_METRICS, args.metric])), args.records)
     if runs.empty:
-        raise ValueError(_no_runs_message(args.tracking_uri, args.experiment, args.sweep, args.filter))
+        raise ValueError(_no_runs_message(store, args.experiment, args.sweep, args.filter, args.records))
     table = seeds.seed_table(runs, curves["eval/return"], args.threshold, args.group_by, not args.no_auto_group)
     keys = [seeds.short_name(key) for key in table.columns[: list(table.columns).index("runs")]]
     with pd.option_context("display.width", 250, "display.max_columns", 60, "display.max_colwidth", 80):
@@ -321,7 +372,7 @@ def _compare(args: argparse.Namespace) -> None:
             print(summarize(curves[args.metric], args.threshold).to_string(index=False))
             print()
         print(f"{len(runs)} runs in {len(table)} groups ({', '.join(keys)}) from"
-              f" {_source(args.tracking_uri, args.experiment, args.sweep)}; mean ± std (ddof=1) over seeds:")
+              f" {source}; mean ± std (ddof=1) over seeds:")
         print(seeds.format_table(table).to_string(index=False))
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() in FIGURE_SUFFIXES:
@@ -335,7 +386,6 @@ def _compare(args: argparse.Namespace) -> None:
         return
     import tempfile
 
-    source = _source(args.tracking_uri, args.experiment, args.sweep)
     with tempfile.TemporaryDirectory(prefix="mpdp-compare-") as scratch:
         written = write_report(runs, curves, out or scratch, args.threshold, args.group_by,
                                not args.no_auto_group, source)
@@ -344,7 +394,7 @@ def _compare(args: argparse.Namespace) -> None:
         if args.log_to_mlflow:
             from mpdp_lightning.experiments.summary_run import log_to_mlflow
 
-            run_id = log_to_mlflow(written, args.tracking_uri, args.experiment, args.sweep)
+            run_id = log_to_mlflow(written, store, args.experiment, args.sweep)
             print(f"logged {len(written)} files to the summary run {run_id} of sweep {args.sweep!r}")
 
 

@@ -2,7 +2,7 @@
 trial that runs the very same LightningCLI training as ``make train``, into one MLflow experiment.
 
     python -m mpdp_lightning.experiments.sweep conf/sweep/ip-sac-vs-mpdp.yaml [--dry-run] [--max-concurrent N]
-        [-- extra CLI args]
+        [--results benchmarks/results] [-- extra CLI args]
 
 (``make sweep SWEEP=conf/sweep/<name>.yaml``). A trial is a subprocess ``python -m mpdp_lightning
 fit ...`` started by a Ray Tune function trainable, not the CLI called in the Ray worker: the CLI
@@ -19,6 +19,9 @@ worker of a trial dies (Ctrl-C to the sweep, a lost node), the trial's process r
 (Linux's parent-death signal), saves at its next update boundary and exits; it writes to its log
 file itself, runs in a session of its own (Ray SIGKILLs a worker's process group as it stops) and
 Ray is told not to kill workers' children, so nothing cuts that save short. After the trials, the seed table and the figures are written and logged to MLflow.
+
+A finished trial writes its record, ``benchmarks/results/<sweep>/<trial>.json``
+(``records``), meant for git: a trial with a record counts as finished on any machine.
 """
 
 from __future__ import annotations
@@ -180,6 +183,7 @@ class Place:
     conf_dir: Path
     storage: Path  # <storage>/<trial key>/{last.ckpt,trial.log,done.json}
     tracking_uri: str
+    records: Path  # <records>/<trial key>.json, e.g. benchmarks/results/<sweep>/ (kept in git)
 
     def trial_dir(self, trial: Trial) -> Path:
         return self.storage / trial.key
@@ -189,6 +193,9 @@ class Place:
 
     def done(self, trial: Trial) -> Path:
         return self.trial_dir(trial) / "done.json"
+
+    def record(self, trial: Trial) -> Path:
+        return self.records / f"{trial.key}.json"
 
 
 def trial_argv(sweep: Sweep, trial: Trial, place: Place, extra: list[str], preset: str) -> list[str]:
@@ -263,7 +270,17 @@ def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> None:
     code = process.wait()
     if code != 0:
         raise RuntimeError(f"trial {folder.name} exited with {code}; its log: {folder / 'trial.log'}")
-    (folder / "done.json").write_text(json.dumps({"seconds": time.time() - start, "finished_at": time.time()}))
+    seconds = time.time() - start
+    (folder / "done.json").write_text(json.dumps({"seconds": seconds, "finished_at": time.time()}))
+    record = config["record"]
+    try:
+        from mpdp_lightning.experiments.records import write_trial_record
+
+        write_trial_record(record["tracking_uri"], record["sweep"], record["sweep"], folder.name, record["path"],
+                           seconds, int(threads))
+    except Exception as error:  # the trial has finished all the same; the driver writes the record after
+        with open(log_path, "a") as log:
+            log.write(f"no record written yet: {' '.join(str(error).split())}\n")
     tune.report({"done": True})
 
 
@@ -283,9 +300,11 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
 
 
 def plan(sweep: Sweep, place: Place) -> dict[str, list[Trial]]:
+    """The trials by what is left of them: finished (its ``done.json`` here, or its record, from
+    any machine), to resume (a checkpoint) or to start."""
     state: dict[str, list[Trial]] = {"finished": [], "resume": [], "start": []}
     for trial in sweep.trials():
-        if place.done(trial).is_file():
+        if place.done(trial).is_file() or place.record(trial).is_file():
             state["finished"].append(trial)
         elif place.checkpoint(trial).is_file():
             state["resume"].append(trial)
@@ -301,8 +320,10 @@ def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool =
     preset = sweep.resolved_preset()
     state = plan(sweep, place)
     pending = state["resume"] + state["start"]
+    from_records = sum(not place.done(trial).is_file() for trial in state["finished"])
     print(
-        f"sweep {sweep.name}: {len(sweep.trials())} trials: {len(state['finished'])} finished, "
+        f"sweep {sweep.name}: {len(sweep.trials())} trials: {len(state['finished'])} finished "
+        f"({from_records} of them from records in {place.records}), "
         f"{len(state['resume'])} to resume, {len(state['start'])} to start · MLflow experiment '{sweep.name}' "
         f"in {place.tracking_uri} · trials in {place.storage}",
         flush=True,
@@ -329,7 +350,8 @@ def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool =
         gpus = 0.25 if ray.cluster_resources().get("GPU", 0) else 0
     specs = {
         trial.key: {"argv": trial_argv(sweep, trial, place, extra, preset), "folder": str(place.trial_dir(trial)),
-                    "threads": sweep.cpus_per_trial, "cwd": str(cwd)}
+                    "threads": sweep.cpus_per_trial, "cwd": str(cwd),
+                    "record": {"path": str(place.record(trial)), "tracking_uri": place.tracking_uri, "sweep": sweep.name}}
         for trial in pending
     }
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.cpus_per_trial))
@@ -356,6 +378,23 @@ def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool =
     return len(unfinished)
 
 
+def record_finished_trials(sweep: Sweep, place: Place) -> None:
+    """The record of each trial finished here without one (its trial could not write it, or it
+    finished before sweeps wrote records), from its MLflow run."""
+    from mpdp_lightning.experiments.records import write_trial_record
+
+    for trial in sweep.trials():
+        done, record = place.done(trial), place.record(trial)
+        if done.is_file() and not record.is_file():
+            try:
+                seconds = json.loads(done.read_text())["seconds"]
+                write_trial_record(place.tracking_uri, sweep.name, sweep.name, trial.key, record, seconds)
+                print(f"recorded {trial.key} in {record}", flush=True)
+            except Exception as error:  # noqa: BLE001 (the trial stays finished; the record can be rewritten later)
+                print(f"no record of {trial.key}: {' '.join(str(error).split())} (python -m "
+                      f"mpdp_lightning.experiments.records writes it from MLflow)", flush=True)
+
+
 def _positive_int(text: str) -> int:
     value = int(text) if text.strip().isdigit() else 0
     if value < 1:
@@ -372,6 +411,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--storage", default=None,
                         help="folder of the trials' checkpoints and logs (default runs/sweeps/<name>; shared "
                              "storage on a multi-node cluster)")
+    parser.add_argument("--results", default="benchmarks/results", metavar="DIR",
+                        help="each finished trial's record goes to DIR/<name>/<trial>.json (kept in git: a trial "
+                             "with a record counts as finished on any machine)")
     parser.add_argument("--conf", default="conf", help="the project's config folder")
     parser.add_argument("--dry-run", action="store_true", help="print what would run (each trial's command) and stop")
     parser.add_argument("--max-concurrent", type=_positive_int, default=None, metavar="N",
@@ -389,9 +431,12 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         check_writable_folder(storage, "the sweep's folder")
         check_tracking_uri(tracking_uri)
-        place = Place(conf_dir, storage, tracking_uri)
+        place = Place(conf_dir, storage, tracking_uri, (Path(args.results) / sweep.name).absolute())
+        check_writable_folder(place.records, "the records folder")
         unfinished = run(sweep, place, list(args.extra), Path.cwd(), dry_run=args.dry_run,
                          max_concurrent=args.max_concurrent)
+        if not args.dry_run:
+            record_finished_trials(sweep, place)
         if not args.dry_run and not args.no_compare:
             compare_sweep(sweep, place)
     except MPDPError as error:
@@ -408,12 +453,14 @@ def compare_sweep(sweep: Sweep, place: Place) -> None:
     from mpdp_lightning.experiments.summary_run import log_to_mlflow
 
     out = place.storage / "comparison"
+    records = [place.records] if place.records.is_dir() else []  # trials finished on other machines
     try:
         paths = write_comparison(place.tracking_uri, sweep.name, out, sweep=sweep.name, threshold=sweep.threshold,
-                                 group_by=sweep.group_by or ())
+                                 group_by=sweep.group_by or (), records=records)
     except ValueError as error:  # no trial has logged an evaluation yet
         print(f"no comparison yet: {error}", flush=True)
         return
+    ensure_experiment(place.tracking_uri, sweep.name)  # a clone whose trials all come from records has none
     run_id = log_to_mlflow(paths, place.tracking_uri, sweep.name, sweep.name)
     table = out / "seed_table.md"
     if table.is_file():
