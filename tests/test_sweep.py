@@ -1,6 +1,6 @@
 """Sweeps on Ray Tune: a tiny sweep runs its trials into one MLflow experiment and writes each
-finished trial's record, running it again starts no trial, and a trial interrupted mid-run resumes
-from its checkpoint, same MLflow run."""
+finished trial's record, running it again starts no trial, a trial interrupted mid-run resumes
+from its checkpoint, same MLflow run, and a mistyped sweep file is one error line before any work."""
 
 import json
 import os
@@ -207,3 +207,32 @@ def test_a_bad_max_concurrent_is_refused_before_any_work(tmp_path, capsys):
     assert "--max-concurrent: must be a positive integer, got '0'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
 
+
+@pytest.mark.parametrize("mistake,trial,key", [
+    ({"grid": {"model.betta": [0.1]}}, "inverted_pendulum-mpdp-s0-betta=0.1", "'betta'"),
+    ({"args": ["--model.gamma", "1.5"]}, "inverted_pendulum-mpdp-s0", "gamma=1.5"),
+    ({"grid": {"model.beta": [0.5, "abc"]}}, "inverted_pendulum-mpdp-s0-beta=abc", "model.beta"),
+])
+def test_a_mistyped_sweep_file_is_one_line_naming_the_trial_and_key_before_any_work(in_tmp, capsys, mistake, trial, key):
+    """Checked with make train's parser and checks, trial by trial, before Ray, MLflow or any
+    folder: the sweep file's own checks cannot know the CLI's keys, types and ranges."""
+    sweep_file = in_tmp / "x.yaml"
+    sweep_file.write_text(yaml.safe_dump({"name": "x", "tasks": ["inverted_pendulum"], "algos": ["mpdp"],
+                                          "seeds": [0, 1], **mistake}))
+    from mpdp_lightning.experiments.sweep import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([str(sweep_file), "--conf", str(ROOT / "conf")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: sweep file {sweep_file}: trial {trial}: "), err
+    assert key in err[0]
+    assert [p.name for p in in_tmp.iterdir()] == ["x.yaml"]  # no mlflow.db, runs/ or benchmarks/results
+
+
+def test_every_trial_of_a_good_sweep_file_passes_the_check(in_tmp):
+    from mpdp_lightning.experiments.sweep import check_trials
+
+    sweep = Sweep.load(ROOT / "conf/sweep/ip-all-algos.yaml", ROOT / "conf")
+    check_trials(sweep, _place(in_tmp), [], "conf/sweep/ip-all-algos.yaml")  # raises on any trial it refuses
+    assert list(in_tmp.iterdir()) == []

@@ -20,7 +20,9 @@ worker of a trial dies (Ctrl-C to the sweep, a lost node), the trial's process r
 file itself, runs in a session of its own (Ray SIGKILLs a worker's process group as it stops) and
 Ray is told not to kill workers' children, so nothing cuts that save short. After the trials, the seed table and the figures are written and logged to MLflow.
 
-A finished trial writes its record, ``benchmarks/results/<sweep>/<trial>.json``
+Before anything is created (MLflow store, folders, Ray), every trial's command line goes through
+``make train``'s parser and the checks it makes before training, so a mistyped sweep file is one
+``error:`` line. A finished trial writes its record, ``benchmarks/results/<sweep>/<trial>.json``
 (``records``), meant for git: a trial with a record counts as finished on any machine.
 """
 
@@ -220,6 +222,92 @@ def trial_argv(sweep: Sweep, trial: Trial, place: Place, extra: list[str], prese
     if place.checkpoint(trial).is_file():
         argv += ["--ckpt_path", str(place.checkpoint(trial))]
     return argv
+
+
+def check_trials(sweep: Sweep, place: Place, extra: list[str], sweep_file: str | Path) -> None:
+    """Every unfinished trial's command line through ``make train``'s parser and the checks it
+    makes before training (``MPDPCLI`` up to and including building the model, data and callbacks,
+    whose own checks see values such as gamma > 1), without the MLflow logger (it creates its store)
+    or the trainer (its accelerator is the trial's machine's, not necessarily this one's), so
+    nothing is written. Trials whose commands differ only in seed, run name and folder are checked
+    once. Raises MPDPError ``sweep file <file>: trial <key>: <what is wrong>``."""
+    preset = sweep.resolved_preset()
+    state = plan(sweep, place)
+    pending = state["resume"] + state["start"]
+    if not pending:
+        return
+    checker = _trial_checker()
+    per_trial = {"--seed_everything", "--trainer.logger.init_args.run_name", "--trainer.logger.init_args.tags",
+                 "--checkpoint.dirpath"}
+    checked = set()
+    for trial in pending:
+        argv = trial_argv(sweep, trial, place, extra, preset)
+        shape = tuple("" if i and argv[i - 1] in per_trial else arg for i, arg in enumerate(argv))
+        if shape in checked:
+            continue
+        try:
+            checker.check(argv)
+        except MPDPError as error:
+            raise MPDPError(f"sweep file {sweep_file}: trial {trial.key}: {error}") from None
+        checked.add(shape)
+
+
+def _trial_checker():
+    """``MPDPCLI`` (the parser built once, as ``cli.main`` builds it), whose ``check(argv)`` parses
+    a command line and runs the CLI's checks before training; imported here, as it takes seconds."""
+    import warnings
+
+    import lightning.pytorch as pl
+    from jsonargparse import ArgumentError, Namespace
+
+    from mpdp_lightning.cli import MPDPCLI, quiet_libraries
+    from mpdp_lightning.errors import describe_parser_error
+    from mpdp_lightning.training.data import ReplayDataModule
+
+    class TrialChecker(MPDPCLI):
+        building = True  # LightningCLI's __init__ parses and instantiates: only its parser is wanted
+
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            if self.building:
+                self.config = Namespace(subcommand="fit")
+            else:
+                super().parse_arguments(parser, args)
+
+        def _parse_ckpt_path(self) -> None:
+            if not self.building:
+                super()._parse_ckpt_path()
+
+        def _set_seed(self) -> None:
+            pass
+
+        def before_instantiate_classes(self) -> None:
+            if not self.building:
+                super().before_instantiate_classes()
+
+        def instantiate_classes(self) -> None:
+            pass
+
+        def _run_subcommand(self, subcommand: Optional[str]) -> None:
+            pass
+
+        def check(self, argv: list[str]) -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.parse_arguments(self.parser, argv)
+                self._parse_ckpt_path()
+                self.before_instantiate_classes()
+                self.config["fit"].trainer.logger = False  # building an MLflow logger creates its store
+                try:
+                    self.parser.instantiate_classes(self.config)
+                except (ArgumentError, ValueError, TypeError) as error:
+                    raise MPDPError(describe_parser_error(str(error))) from None
+
+    quiet_libraries()
+    checker = TrialChecker(pl.LightningModule, ReplayDataModule, argv=[], subclass_mode_model=True,
+                           save_config_callback=None, auto_configure_optimizers=False, seed_everything_default=0,
+                           parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False})
+    checker.building = False
+    return checker
 
 
 def _die_with_parent() -> None:
@@ -433,6 +521,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_tracking_uri(tracking_uri)
         place = Place(conf_dir, storage, tracking_uri, (Path(args.results) / sweep.name).absolute())
         check_writable_folder(place.records, "the records folder")
+        check_trials(sweep, place, list(args.extra), args.sweep)
         unfinished = run(sweep, place, list(args.extra), Path.cwd(), dry_run=args.dry_run,
                          max_concurrent=args.max_concurrent)
         if not args.dry_run:
