@@ -71,12 +71,18 @@ def test_means_stds_at_fractions_of_the_budget(s1):
 
 def test_area_under_the_curve_is_a_mean_return(s1):
     runs, curves = s1
-    per_run = seeds.per_run(runs, curves["eval/return"]).set_index(["algo", "seed", "status"])
+    per_run = seeds.per_run(runs, curves["eval/return"])
+
+    def auc(algo, seed, status):
+        row = per_run[(per_run["algo"] == algo) & (per_run["seed"] == seed) & (per_run["status"] == status)]
+        assert len(row) == 1
+        return row["auc"].iloc[0]
+
     # trapezoid over env steps / the env steps spanned
-    assert per_run.loc[("SAC", "0", "FINISHED"), "auc"] == pytest.approx((300 + 700 + 950) / 3)
-    assert per_run.loc[("SAC", "1", "FINISHED"), "auc"] == pytest.approx(775.0)
-    assert per_run.loc[("SAC", "2", "FINISHED"), "auc"] == pytest.approx(150.0)
-    assert math.isnan(per_run.loc[("MPDP", "1", "KILLED"), "auc"])  # did not reach the end of its budget
+    assert auc("SAC", "0", "FINISHED") == pytest.approx((300 + 700 + 950) / 3)
+    assert auc("SAC", "1", "FINISHED") == pytest.approx(775.0)
+    assert auc("SAC", "2", "FINISHED") == pytest.approx(150.0)
+    assert math.isnan(auc("MPDP", "1", "KILLED"))  # did not reach the end of its budget
     table = seeds.seed_table(runs, curves["eval/return"])
     sac = _row(table, "SAC")
     assert sac["auc"] == pytest.approx((650 + 775 + 150) / 3) and sac["auc_n"] == 3
