@@ -50,3 +50,36 @@ def test_unknown_config_is_one_line():
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: unknown config ppo; known: sac, mpdp-quick, mpdp-paper"]
+
+
+def test_model_targets_bench_fits_both_ways_on_a_checkpoints_buffer_and_reports_raw_units(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from mpdp_lightning.benchmarks import model_targets
+
+    # a checkpoint's replay buffer as the data module saves it (inverted_pendulum: obs 4, action 1),
+    # written round the ring: the newest rows are read oldest first from the write cursor
+    n = 300
+    obs = torch.randn(n, 4)
+    data = {"obs": obs, "action": torch.rand(n, 1) * 6 - 3, "next_obs": obs + 0.05 * torch.randn(n, 4),
+            "reward": torch.ones(n), "terminated": torch.zeros(n, dtype=torch.bool)}
+    path = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": {"task": "inverted_pendulum"},
+                "ReplayDataModule": {"size": n, "data": data, "writer": {"_cursor": 100}}}, path)
+    task, inputs, targets = model_targets.replay_rows(str(path), rows=250)
+    assert task == "inverted_pendulum" and inputs.shape == (250, 5) and targets.shape == (250, 5)
+    oldest_first = torch.cat([torch.arange(100, n), torch.arange(0, 100)])[-250:]  # the newest sits before the cursor
+    torch.testing.assert_close(inputs[:, :4], obs[oldest_first])
+    torch.testing.assert_close(targets[:, :4], (data["next_obs"] - obs)[oldest_first])
+    small = dict(ensemble_size=3, num_elites=2, hidden=16, layers=1, max_epochs=3)
+    raw = model_targets.fit_once(task, inputs, targets, normalize=False, seed=0, size=small)
+    normalised = model_targets.fit_once(task, inputs, targets, normalize=True, seed=0, size=small)
+    for report in (raw, normalised):
+        assert report["epochs"] == 3 and report["u_mean"] >= 0
+        # the reward is constant: its raw-unit error is the model's whole error there
+        assert 0 < report["mse_reward"] and report["mse"] > 0
+    monkeypatch.setattr(model_targets, "SIZES", {"quick": small})
+    monkeypatch.setattr(sys, "argv", ["model_targets", str(path), "--rows", "250", "--seeds", "2"])
+    model_targets.main()
+    table = capsys.readouterr().out
+    assert "| raw (MBPO) |" in table and "| normalised |" in table

@@ -35,7 +35,8 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     n_train = args.transitions - min(int(0.2 * args.transitions), 5000)
     model.input_norm.fit(inputs[:n_train])
-    model.target_norm.fit(targets[:n_train])
+    if model.normalize_targets:  # raw targets by default, as MBPO
+        model.target_norm.fit(targets[:n_train])
 
     def epoch() -> None:
         boot = torch.randint(n_train, (7, n_train), device=device)
