@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import fit_args, tracking_uri
+from helpers import ROOT, fit_args, tracking_uri
 from mpdp_lightning.training.checkpoint_io import read_checkpoint_header
 from mpdp_lightning.cli import main
 from mpdp_lightning.training.data import PendingBatch
@@ -309,7 +309,7 @@ def test_mbpo_trains_on_its_rollouts_and_logs_them(in_tmp, monkeypatch):
     # epoch 0 of the schedule: length 1, so each fit adds one transition per start state
     assert [(m.step, m.value) for m in lengths] == [(101, 1.0), (200, 1.0), (300, 1.0)]
     sizes = [m.value for m in client.get_metric_history(run.info.run_id, "mbpo/model_buffer_size")]
-    assert sizes == [200.0, 400.0, 600.0]  # 2 rollouts x 100 env steps per fit, kept for an epoch (10 fits)
+    assert sizes == [200.0, 400.0, 600.0]  # 200 rollouts per fit, kept for an epoch (10 fits of 100 env steps)
     assert all(size == 32 for size, _ in drawn_batches)  # the batch size, real and model together
     assert drawn_batches[0][1] == 200 and drawn_batches[-1][1] == 600
 
@@ -326,6 +326,61 @@ def test_a_resumed_mbpo_run_branches_its_rollouts_again_before_its_first_update(
     run_id = _only_run(client).info.run_id
     assert _steps(client, run_id, "mbpo/rollout_length") == [101, 151, 200]
     assert _steps(client, run_id, "model/holdout_mse") == [101, 200]  # the model itself was not refitted at 151
+
+
+def test_an_mbpo_checkpoint_from_before_issue_19_resumes_with_the_settings_it_was_trained_with(in_tmp):
+    # saved when MBPO took rollouts per env step, counted its schedule from env step 0 in epochs
+    # of 1000, and normalised the model's targets: it resumes with those, not today's defaults
+    args = ("--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL, "--model.model_max_epochs", "2",
+            "--model.rollout_batch_size", "200")
+    main(fit_args("hopper", 150, *args, algo="mbpo"))
+    (folder,) = (in_tmp / "runs/checkpoints").iterdir()
+    path = folder / "last.ckpt"
+    old = torch.load(path, weights_only=False)
+    hparams = old["hyper_parameters"]
+    hparams["rollouts_per_env_step"] = hparams.pop("rollout_batch_size") // hparams["model_train_every"]
+    for key in ("normalize_targets", "epoch_length"):
+        hparams.pop(key)
+    old["counters"].pop("schedule_start")
+    torch.save(old, path)
+    main(fit_args("hopper", 250, "--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL,
+                  "--model.model_max_epochs", "2", "--ckpt_path", str(path), algo="mbpo"))
+    resumed = torch.load(path, weights_only=False)
+    assert resumed["counters"]["env_steps"] == 250 and resumed["counters"]["schedule_start"] == 0
+    new = resumed["hyper_parameters"]
+    assert new["rollout_batch_size"] == 200 and new["epoch_length"] == 1000 and new["normalize_targets"] is True
+    assert not torch.equal(resumed["state_dict"]["world_model.target_norm.std"], torch.ones_like(
+        resumed["state_dict"]["world_model.target_norm.std"]))  # refitted at 200 on normalised targets, as trained
+
+
+def test_coplanners_published_preset_runs_as_shipped(in_tmp, monkeypatch):
+    # conf/preset/mbpo/coplanner.yaml at tiny shapes: half real batches, a fixed temperature of
+    # 0.2, the warm-up acting with the untrained policy, the model replay holding the latest fit's
+    # rollouts only, COPlanner's planner on
+    from mpdp_lightning.algorithms.sac import SAC
+
+    acted = []
+    act = SAC.act_on_host
+
+    def recording_act(self, obs, *args, **kwargs):
+        if kwargs.get("explore"):  # the training environment's actions, not evaluation's
+            acted.append(self.env_steps)
+        return act(self, obs, *args, **kwargs)
+
+    monkeypatch.setattr(SAC, "act_on_host", recording_act)
+    main(fit_args("hopper", 300, "--config", str(ROOT / "conf/preset/mbpo/coplanner.yaml"), *TINY_WORLD_MODEL,
+                  "--model.model_max_epochs", "2", "--env_interaction.warmup_steps", "100",
+                  "--env_interaction.updates_per_env_step", "1", "--model.rollout_batch_size", "200",
+                  "--coplanner.max_rows", "512", "--model.model_train_every", "250", algo="mbpo"))
+    client = MlflowClient(tracking_uri())
+    run = _only_run(client)
+    params = run.data.params
+    assert run.info.status == "FINISHED" and run.data.tags["algo"] == "MBPO+COPlanner"
+    assert (params["model.init_args.real_ratio"], params["model.init_args.alpha"], params["model.init_args.auto_alpha"],
+            params["env_interaction.warmup_policy"], params["preset"]) == ("0.5", "0.2", "False", "policy", "coplanner")
+    assert acted[:100] == list(range(100))  # the warm-up's 100 steps acted with the policy
+    sizes = [m.value for m in client.get_metric_history(run.info.run_id, "mbpo/model_buffer_size")]
+    assert sizes == [200.0, 200.0]  # fits at 101 and 250: the latest fit's 200 one-step rollouts, not an epoch's
 
 
 def test_coplanner_plans_rollouts_conservatively_and_real_actions_optimistically_never_evaluation(in_tmp, monkeypatch):

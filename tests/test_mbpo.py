@@ -62,7 +62,7 @@ def test_the_schedules_epochs_start_after_the_warm_up(env_steps, length):
     # hopper's [20, 150, 1, 15] after MBPO's 5000 initial steps: 9 at 100k env steps (epoch 95),
     # as in MBPO's code; counting the warm-up as epochs gave 15 there
     hopper = MBPO("hopper", **SMALL)
-    hopper.warmup_steps, hopper.env_steps = 5_000, env_steps
+    hopper.schedule_start, hopper.env_steps = 5_000, env_steps
     assert hopper.rollout_length() == length
 
 
@@ -77,7 +77,7 @@ def test_the_schedule_takes_its_warm_up_from_the_runs_env_interaction():
     hopper._trainer = SimpleNamespace(callbacks=[callback])
     MBPO.on_fit_start(hopper)
     callback.teardown(None, None, "fit")
-    assert hopper.warmup_steps == 5_000
+    assert hopper.schedule_start == 5_000
 
 
 def test_updates_per_env_step_default_to_the_tasks_and_an_explicit_value_wins():

@@ -39,6 +39,8 @@ def trial_store(tmp_path_factory):
         seed = int(trial[-1])
         start = T0 + 3_600_000 * i
         tags = {"task": "inverted_pendulum", "algo": algo, "seed": str(seed), "sweep": "tiny", "trial": trial}
+        if algo == "MPDP":
+            tags["preset"] = "quick"  # as on this CPU machine (SAC has no presets)
         run_id = client.create_run(experiment_id, start_time=start, tags=tags, run_name=trial).info.run_id
         metrics = [Metric("eval/return", value, start + 1000 * k, step) for k, (step, value) in enumerate(zip(STEPS, returns))]
         metrics += [Metric("time/env_steps_per_second", 20.0 + k, start + 1000 * k, step) for k, step in enumerate(STEPS)]
@@ -188,3 +190,48 @@ def test_the_records_command_refuses_a_missing_store_and_creates_none(tmp_path, 
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip() == "error: no MLflow store at sqlite:///mlflow.db"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_finished_record_is_not_hidden_by_an_unfinished_mlflow_run_of_its_trial(trial_store, written, tmp_path):
+    # mpdp-s1 was stopped here (KILLED in MLflow) but finished on another machine: its record counts
+    uri, _ = trial_store
+    folder = tmp_path / "tiny"
+    shutil.copytree(written / "tiny", folder)
+    elsewhere = records.read_record(folder / "inverted_pendulum-mpdp-s0.json")
+    elsewhere = dict(elsewhere, trial="inverted_pendulum-mpdp-s1", seed=1,
+                     run=dict(elsewhere["run"], run_id="elsewhere", run_name="inverted_pendulum-mpdp-s1"))
+    elsewhere["curves"]["eval/return"] = [[1000, 10.0], [2000, 20.0], [3000, 30.0]]
+    records.write_record(elsewhere, folder / "inverted_pendulum-mpdp-s1.json")
+    runs, curves = compare.load_comparison(uri, "tiny", sweep="tiny", records=[folder])
+    assert runs.set_index("run_name").loc["inverted_pendulum-mpdp-s1", "status"] == "FINISHED"
+    assert curves["eval/return"].groupby("run_name")["value"].last()["inverted_pendulum-mpdp-s1"] == 30.0
+
+
+def test_a_record_of_another_preset_does_not_pass_for_this_machines_trial(written, tmp_path, monkeypatch, capsys):
+    # preset auto runs MPDP quick on this CPU machine; a record of its paper preset (a GPU's) must
+    # not count as that trial: one error line, nothing written
+    monkeypatch.chdir(tmp_path)
+    sweep_file = _fresh_clone(tmp_path, written)
+    path = tmp_path / "benchmarks/results/tiny/inverted_pendulum-mpdp-s0.json"
+    record = records.read_record(path)
+    records.write_record(dict(record, preset="paper"), path)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as stopped:
+        sweep.main([str(sweep_file), "--conf", str(ROOT / "conf"), "--dry-run"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: record {path} ran preset paper, where this sweep runs mpdp "
+                                               f"with preset quick"), err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_record_leaves_out_the_paths_of_the_machine_that_ran_it(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("tiny", artifact_location=(tmp_path / "artifacts").as_uri())
+    tags = {"task": "hopper", "algo": "SAC", "seed": "0", "sweep": "tiny", "trial": "hopper-sac-s0"}
+    run_id = client.create_run(experiment_id, tags=tags, run_name="hopper-sac-s0").info.run_id
+    params = {"model.init_args.gamma": "0.99", "checkpoint.dirpath": "/home/someone/runs/sweeps/tiny/hopper-sac-s0",
+              "trainer.logger.init_args.tracking_uri": "sqlite:////home/someone/mlflow.db"}
+    client.log_batch(run_id, metrics=[Metric("eval/return", 1.0, T0, 1000)], params=[Param(k, v) for k, v in params.items()])
+    record = records.record_of_run(client, client.get_run(run_id), 1.0, "test", "test")
+    assert record["config"] == {"model.init_args.gamma": "0.99"}

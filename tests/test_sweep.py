@@ -134,7 +134,11 @@ def test_a_tiny_sweep_runs_its_trials_and_running_it_again_starts_none(tmp_path)
             run.data.tags["trial"], "SAC", int(run.data.tags["seed"]), "sweep")
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/return"))
         assert [tuple(point) for point in record["curves"]["eval/return"]] == history and len(history) == 3
-        assert record["config"] == run.data.params and record["git_commit"] == run.data.params["git_commit"]
+        # every param but the two that name places on this machine
+        from mpdp_lightning.experiments.records import MACHINE_PATHS
+
+        assert record["config"] == {k: v for k, v in run.data.params.items() if k not in MACHINE_PATHS}
+        assert record["git_commit"] == run.data.params["git_commit"]
         done = json.loads((tmp_path / "store" / run.data.tags["trial"] / "done.json").read_text())
         assert record["wall_seconds"] == round(done["seconds"], 3) and record["env_steps"] == 300
         assert record["machine"]["trial_threads"] == 1
@@ -230,9 +234,24 @@ def test_a_mistyped_sweep_file_is_one_line_naming_the_trial_and_key_before_any_w
     assert [p.name for p in in_tmp.iterdir()] == ["x.yaml"]  # no mlflow.db, runs/ or benchmarks/results
 
 
-def test_every_trial_of_a_good_sweep_file_passes_the_check(in_tmp):
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "conf/sweep").glob("*.yaml")))
+def test_every_trial_of_the_projects_sweep_files_passes_the_check(in_tmp, name):
     from mpdp_lightning.experiments.sweep import check_trials
 
-    sweep = Sweep.load(ROOT / "conf/sweep/ip-all-algos.yaml", ROOT / "conf")
-    check_trials(sweep, _place(in_tmp), [], "conf/sweep/ip-all-algos.yaml")  # raises on any trial it refuses
+    sweep = Sweep.load(ROOT / "conf/sweep" / name, ROOT / "conf")
+    check_trials(sweep, _place(in_tmp), [], f"conf/sweep/{name}")  # raises on any trial it refuses
     assert list(in_tmp.iterdir()) == []
+
+
+def test_a_sweep_runs_an_algorithms_own_preset_and_refuses_one_an_algorithm_lacks(tmp_path):
+    good = {"name": "x", "tasks": ["hopper"], "algos": ["sac", "mbpo"], "seeds": [0], "preset": "coplanner"}
+    path = tmp_path / "good.yaml"
+    path.write_text(yaml.safe_dump(good))
+    sweep = Sweep.load(path, ROOT / "conf")  # SAC has no presets: it runs as configured
+    place = _place(tmp_path)
+    argv = {trial.algo: trial_argv(sweep, trial, place, [], sweep.resolved_preset()) for trial in sweep.trials()}
+    assert str(ROOT / "conf/preset/mbpo/coplanner.yaml") in argv["mbpo"]
+    assert not any("preset" in arg for arg in argv["sac"])
+    path.write_text(yaml.safe_dump(dict(good, algos=["mbpo", "mpdp"])))
+    with pytest.raises(MPDPError, match="algo mpdp has no preset 'coplanner'"):
+        Sweep.load(path, ROOT / "conf")

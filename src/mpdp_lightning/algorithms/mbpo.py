@@ -117,7 +117,9 @@ class MBPO(ModelBasedSAC):
             retain_epochs=self.retain_epochs, target_entropy=float(entropy), model_train_every=int(train_every),
         )
         self.model_replay: Optional[ModelReplay] = None
-        self.warmup_steps = 0  # env steps before epoch 0 of the schedule; the run's warm-up (on_fit_start)
+        # env steps before epoch 0 of the schedule: the run's warm-up, taken when it starts (and
+        # kept in its checkpoints, so that a resumed run keeps its schedule)
+        self.schedule_start: Optional[int] = None
 
     @classmethod
     def default_warmup_steps_for(cls, task: str) -> int:
@@ -133,12 +135,13 @@ class MBPO(ModelBasedSAC):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         # The schedule's epoch 0 starts after the initial exploration, as in MBPO's code
-        interaction = next((cb for cb in self.trainer.callbacks if isinstance(cb, EnvInteraction)), None)
-        self.warmup_steps = int(interaction.warmup_steps) if interaction is not None else 0
+        if self.schedule_start is None:
+            interaction = next((cb for cb in self.trainer.callbacks if isinstance(cb, EnvInteraction)), None)
+            self.schedule_start = int(interaction.warmup_steps) if interaction is not None else 0
 
     def rollout_length(self) -> int:
         """The schedule's length now: its epoch counts env steps after the warm-up."""
-        return self.schedule.length(max(self.env_steps - self.warmup_steps, 0))
+        return self.schedule.length(max(self.env_steps - (self.schedule_start or 0), 0))
 
     # ---- rollouts ------------------------------------------------------------------------------
     def train_world_model(self) -> dict[str, float]:
@@ -210,3 +213,13 @@ class MBPO(ModelBasedSAC):
         if self.model_replay is None and self.model_trained_at is not None and not self.model_is_due():
             self.refresh_rollouts()
         super().training_step(batch, batch_idx)
+
+    # ---- checkpoint ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["counters"]["schedule_start"] = self.schedule_start
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # a checkpoint from before the schedule counted from the warm-up counted from env step 0
+        self.schedule_start = int(checkpoint["counters"].get("schedule_start") or 0)

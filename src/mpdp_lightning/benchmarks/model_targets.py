@@ -81,7 +81,11 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="quick")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    task, inputs, targets = replay_rows(args.checkpoint, args.rows)
+    try:
+        task, inputs, targets = replay_rows(args.checkpoint, args.rows)
+    except (OSError, KeyError, RuntimeError) as error:  # missing, unreadable, or not a run's checkpoint
+        parser.exit(2, f"error: {args.checkpoint} is not a readable checkpoint with a replay buffer "
+                       f"({type(error).__name__}: {' '.join(str(error).split())[:150]})\n")
     inputs, targets = inputs.to(args.device), targets.to(args.device)
     print(f"{task}: {inputs.shape[0]} transitions, {args.size} ensemble on {args.device}, seeds 0-{args.seeds - 1}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; holdout metrics in raw units, mean ± std over seeds")

@@ -146,9 +146,10 @@ def load_comparison(
     ``(runs, {metric: curves})``, what ``seeds.seed_table`` and ``figures.make_figures`` take.
 
     ``records``: folders of trial records (``records.record_files``), read as well; a trial
-    (sweep and trial key) both in MLflow and in the records counts once, as its MLflow run, which
-    a resumed trial may have taken further. With records, a store without ``experiment`` adds no
-    runs; ``tracking_uri`` None: the records alone, MLflow untouched."""
+    (sweep and trial key) both in MLflow and in the records counts once: as its record, unless its
+    MLflow run has FINISHED (a resumed trial may have taken it further since its record; an
+    interrupted or failed attempt must not hide a finished record). With records, a store without
+    ``experiment`` adds no runs; ``tracking_uri`` None: the records alone, MLflow untouched."""
     from mpdp_lightning.experiments import records as trial_records
 
     metrics, records = list(metrics), list(records)
@@ -156,10 +157,14 @@ def load_comparison(
     client = MlflowClient(tracking_uri) if tracking_uri is not None else None
     if client is not None and (not records or client.get_experiment_by_name(experiment) is not None):
         found = training_runs(client, experiment, filter_string, sweep)
+    loaded = trial_records.load_records(records, sweep)
+    recorded = {(record["sweep"], record["trial"]) for record in loaded}
+    found = [run for run in found if run.info.status == "FINISHED"
+             or (run.data.tags.get("sweep"), run.data.tags.get("trial")) not in recorded]
     rows = [_run_row(run) for run in found]
     curves = {metric: [row for run in found for row in _curve_rows(client, run, metric)] for metric in metrics}
     in_mlflow = {(run.data.tags.get("sweep"), run.data.tags.get("trial")) for run in found}
-    for record in trial_records.load_records(records, sweep):
+    for record in loaded:
         if (record["sweep"], record["trial"]) not in in_mlflow:
             rows.append(trial_records.run_row(record))
             for metric in metrics:

@@ -80,6 +80,11 @@ def _number(value: float) -> Optional[float]:
     return value if math.isfinite(value) else None  # JSON has no NaN; null reads back as NaN
 
 
+def _preset(value: Optional[str]) -> Optional[str]:
+    """The run's preset; None for an algorithm without presets (MLflow keeps that param as "None")."""
+    return None if value in (None, "", "None") else str(value)
+
+
 def record_of_run(client: MlflowClient, run: Run, wall_seconds: Optional[float], wall_seconds_from: str,
                   written_by: str, threads: Optional[int] = None) -> dict[str, Any]:
     """The record of a training run of a sweep. ``wall_seconds`` None: from the run's start and
@@ -103,7 +108,7 @@ def record_of_run(client: MlflowClient, run: Run, wall_seconds: Optional[float],
         "task": tags.get("task", params.get("task")),
         "algo": tags.get("algo"),
         "seed": int(seed) if seed is not None and str(seed).isdigit() else None,
-        "preset": tags.get("preset", params.get("preset")),
+        "preset": _preset(tags.get("preset", params.get("preset"))),
         "status": info.status,
         "run": {"run_id": info.run_id, "run_name": info.run_name, "start_time": info.start_time,
                 "end_time": info.end_time},
@@ -118,9 +123,14 @@ def record_of_run(client: MlflowClient, run: Run, wall_seconds: Optional[float],
         "git_commit": params.get("git_commit"),
         "machine": {**machine(threads), "accelerator": params.get("trainer.accelerator"),
                     "devices": params.get("trainer.devices"), "precision": params.get("trainer.precision")},
-        "config": dict(params),
+        "config": {key: value for key, value in params.items() if key not in MACHINE_PATHS},
         "curves": curves,
     }
+
+
+# Params that name a place on the machine that ran the trial, not how it trained: left out of
+# records, which are committed and read elsewhere.
+MACHINE_PATHS = ("trainer.logger.init_args.tracking_uri", "checkpoint.dirpath")
 
 
 def write_record(record: dict[str, Any], path: str | os.PathLike) -> Path:

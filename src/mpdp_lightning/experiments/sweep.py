@@ -50,7 +50,7 @@ from mpdp_lightning.envs.tasks import TASKS
 PROGRESS = re.compile(r"env steps (\d+)/(\d+) .*· eval return (\S+) · ([\d.]+) env steps/s")
 SWEEP_KEYS = {"name", "tasks", "algos", "seeds", "grid", "grid_algos", "preset", "args", "cpus_per_trial", "gpus_per_trial",
               "threshold", "group_by"}
-PRESETS = ("auto", "quick", "paper")
+PRESETS = ("auto", "quick", "paper")  # and any other conf/preset/<algo>/<name>.yaml of the sweep's algos
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,15 @@ class Sweep:
             fail("grid must map each override (e.g. model.beta) to a non-empty list of values")
         if self.grid_algos is not None and (not isinstance(self.grid_algos, list) or not set(self.grid_algos) <= set(self.algos)):
             fail(f"grid_algos must be a list of the sweep's algos ({', '.join(self.algos)}), got {self.grid_algos}")
-        if self.preset not in PRESETS:
-            fail(f"unknown preset {self.preset!r}; known presets: {', '.join(PRESETS)}")
+        named = sorted({p.stem for algo in self.algos for p in (conf_dir / "preset" / algo).glob("*.yaml")})
+        if self.preset not in PRESETS and self.preset not in named:
+            fail(f"unknown preset {self.preset!r}; known presets: {', '.join(dict.fromkeys([*PRESETS, *named]))}")
+        if self.preset != "auto":
+            for algo in self.algos:  # an algorithm with presets must have this one: none would be silently skipped
+                folder = conf_dir / "preset" / algo
+                if folder.is_dir() and not (folder / f"{self.preset}.yaml").is_file():
+                    fail(f"algo {algo} has no preset {self.preset!r} (conf/preset/{algo}/: "
+                         f"{', '.join(sorted(p.stem for p in folder.glob('*.yaml')))})")
         if not isinstance(self.args, list):
             fail("args must be a list of command-line arguments")
         if not (isinstance(self.cpus_per_trial, int) and self.cpus_per_trial >= 1):
@@ -387,11 +394,29 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def check_record_preset(trial: Trial, place: Place, preset: str) -> None:
+    """A record counts for its trial only if it ran the preset this sweep runs here (``auto`` is
+    paper on a GPU machine and quick elsewhere: a GPU's record must not pass for a CPU's trial)."""
+    path = place.record(trial)
+    try:
+        recorded = json.loads(path.read_text()).get("preset")
+    except (OSError, ValueError, AttributeError):
+        raise MPDPError(f"record {path} is not a readable trial record") from None
+    recorded = None if recorded in (None, "", "None") else recorded  # records of earlier versions kept "None"
+    expected = preset if (place.conf_dir / "preset" / trial.algo / f"{preset}.yaml").is_file() else None
+    if recorded != expected:
+        raise MPDPError(f"record {path} ran preset {recorded}, where this sweep runs {trial.algo} with preset "
+                        f"{expected} on this machine: set the sweep's preset, or give --results another folder")
+
+
 def plan(sweep: Sweep, place: Place) -> dict[str, list[Trial]]:
     """The trials by what is left of them: finished (its ``done.json`` here, or its record, from
     any machine), to resume (a checkpoint) or to start."""
     state: dict[str, list[Trial]] = {"finished": [], "resume": [], "start": []}
+    preset = sweep.resolved_preset()
     for trial in sweep.trials():
+        if place.record(trial).is_file():
+            check_record_preset(trial, place, preset)
         if place.done(trial).is_file() or place.record(trial).is_file():
             state["finished"].append(trial)
         elif place.checkpoint(trial).is_file():
@@ -515,6 +540,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         sweep = Sweep.load(args.sweep, conf_dir)
         storage = Path(args.storage or Path("runs") / "sweeps" / sweep.name).absolute()
         tracking_uri = args.tracking_uri or f"sqlite:///{Path('mlflow.db').absolute()}"
+        if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_absolute():
+            # the trials and Ray's workers (which write the records) run in other folders
+            tracking_uri = f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).absolute()}"
         from mpdp_lightning.preflight import check_tracking_uri, check_writable_folder
 
         check_writable_folder(storage, "the sweep's folder")

@@ -21,6 +21,22 @@ class CheckpointHeader:
     class_path: Optional[str]  # the LightningModule that wrote it (LightningCLI records it), if known
 
 
+def upgrade_hyperparameters(hparams: dict) -> dict:
+    """A checkpoint's model hyperparameters as this version reads them, so that runs saved before
+    MBPO followed its published code (issue 19) resume with the settings they were trained with:
+    ``rollouts_per_env_step`` (per env step since the last fit) becomes ``rollout_batch_size``
+    (per fit), its schedule keeps epochs of 1000 env steps, and a world model trained on
+    normalised targets keeps them."""
+    upgraded = dict(hparams)
+    if "rollouts_per_env_step" in upgraded:
+        per_env_step = upgraded.pop("rollouts_per_env_step")
+        upgraded.setdefault("rollout_batch_size", int(per_env_step) * int(upgraded.get("model_train_every") or 250))
+        upgraded.setdefault("epoch_length", 1000)
+    if "ensemble_size" in upgraded and "normalize_targets" not in upgraded:
+        upgraded["normalize_targets"] = True
+    return upgraded
+
+
 def read_checkpoint_header(path: str | Path, expected_task: Optional[str] = None) -> CheckpointHeader:
     """Open ``path`` (memory-mapped: cheap even with a large replay buffer inside) and check it."""
     path = Path(path)
@@ -38,5 +54,5 @@ def read_checkpoint_header(path: str | Path, expected_task: Optional[str] = None
         raise CheckpointError(f"checkpoint {path} is for task {task!r}, not {expected_task!r}")
     return CheckpointHeader(
         int(counters["env_steps"]), int(counters["updates"]), task, checkpoint.get("mlflow_run_id"),
-        dict(checkpoint["hyper_parameters"]), checkpoint["hyper_parameters"].get("_class_path"),
+        upgrade_hyperparameters(checkpoint["hyper_parameters"]), checkpoint["hyper_parameters"].get("_class_path"),
     )
