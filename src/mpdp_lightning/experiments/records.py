@@ -143,6 +143,7 @@ def write_record(record: dict[str, Any], path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(handle, "w") as out:
             out.write(text)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would keep the record from other users of the checkout
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
