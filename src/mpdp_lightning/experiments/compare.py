@@ -85,12 +85,19 @@ def _run_row(run: Run) -> dict:
     row = {**run.data.params}
     row.update(_run_columns(run))
     row.update(sweep=run.data.tags.get("sweep"), preset=run.data.tags.get("preset", run.data.params.get("preset")),
-               start_time=run.info.start_time)
+               start_time=run.info.start_time, wall_seconds=_wall_seconds(run))
     return row
 
 
+def _wall_seconds(run: Run) -> Optional[float]:
+    """A finished run's wall time from MLflow (a resumed run's includes the time it lay stopped)."""
+    if run.info.status != "FINISHED" or not run.info.end_time or not run.info.start_time:
+        return None
+    return (run.info.end_time - run.info.start_time) / 1000.0
+
+
 def _runs_frame(rows: list[dict]) -> pd.DataFrame:
-    meta = ["run_id", "run_name", "task", "algo", "seed", "status", "sweep", "preset", "start_time"]
+    meta = ["run_id", "run_name", "task", "algo", "seed", "status", "sweep", "preset", "start_time", "wall_seconds"]
     frame = pd.DataFrame(rows, columns=list(dict.fromkeys(meta + sorted({k for row in rows for k in row}))))
     return frame.sort_values(["task", "algo", "start_time"], ignore_index=True)
 
@@ -274,6 +281,8 @@ def _markdown_report(table: pd.DataFrame, source: str, threshold: Optional[float
         lines += ["", f"first >= {threshold:g}: per seed, the first env step with eval return >= {threshold:g};"
                      " median first: never-reached counts as infinitely late; stays: every later evaluation"
                      " stays >= the threshold."]
+    lines += ["", "ms per env step: a finished run's wall time (warm-up, evaluations and model fits included;"
+                  " a trial record's, or MLflow's start to end) over its budget, mean over the runs."]
     report = "\n".join(lines) + "\n\n" + seeds.to_markdown(seeds.format_table(table))
     if improvement is not None and not improvement.empty:
         report += "\n".join([

@@ -239,7 +239,7 @@ def run_columns(record: dict[str, Any]) -> dict[str, Any]:
 def run_row(record: dict[str, Any]) -> dict[str, Any]:
     """The row of ``compare.load_runs``: every param, then the run's columns."""
     return {**record["config"], **run_columns(record), "sweep": record["sweep"], "preset": record.get("preset"),
-            "start_time": record["run"]["start_time"]}
+            "start_time": record["run"]["start_time"], "wall_seconds": record.get("wall_seconds")}
 
 
 def curve_rows(record: dict[str, Any], metric: str) -> list[dict[str, Any]]:

@@ -52,7 +52,7 @@ FRACTIONS = (0.25, 0.5, 0.75)
 BUDGET_PARAM = "env_interaction.total_env_steps"
 MODEL_PREFIX = "model.init_args."
 # Columns of compare.load_runs that are not params.
-RUN_COLUMNS = ("run_id", "run_name", "task", "algo", "seed", "status", "sweep", "preset", "start_time")
+RUN_COLUMNS = ("run_id", "run_name", "task", "algo", "seed", "status", "sweep", "preset", "start_time", "wall_seconds")
 # Params that differ between seeds of one setting, or say where and how a run was watched, not
 # what it learned: never a reason to split seeds into groups (each entry also covers "entry.*").
 BOOKKEEPING = (
@@ -221,12 +221,17 @@ def per_run(
             row[fraction_column(fraction)] = _value_at(steps, values, point, reached=last >= point - 1e-6)
         within = steps <= budget + 1e-6
         row["auc"] = _area(steps[within], values[within]) if last >= budget - 1e-6 else math.nan
+        # the cost of an env step: the whole run's wall time (warm-up, evaluations and fits
+        # included) over its budget, for a run that finished it
+        wall = run.get("wall_seconds")
+        finished = run.get("status") == "FINISHED" and last >= budget - 1e-6
+        row["ms_per_env_step"] = 1000.0 * float(wall) / budget if finished and wall is not None and not pd.isna(wall) else math.nan
         if threshold is not None:
             row["first_step"], row["stays"] = first_reach(steps, values, threshold)
             row["settled_step"] = settled_from(steps, values, threshold)
         rows.append(row)
     columns = ["run_id", "run_name", "task", "algo", "seed", "status", "sweep", "budget", "last_eval_step",
-               "evaluations", *(fraction_column(f) for f in (*fractions, 1)), "auc"]
+               "evaluations", *(fraction_column(f) for f in (*fractions, 1)), "auc", "ms_per_env_step"]
     if threshold is not None:
         columns += ["first_step", "stays", "settled_step"]
     return pd.DataFrame(rows, columns=columns)
@@ -283,6 +288,9 @@ def seed_table(
             row[f"{measure}_std"] = column.std(ddof=1) if len(column) else math.nan
             row[f"{measure}_n"] = len(column)
             row[f"{measure}_iqm"], row[f"{measure}_iqm_low"], row[f"{measure}_iqm_high"] = iqm[i], low[i], high[i]
+        cost = group["ms_per_env_step"].dropna()
+        row["ms_per_env_step"] = cost.mean() if len(cost) else math.nan
+        row["ms_per_env_step_n"] = len(cost)
         if threshold is not None:
             firsts = group["first_step"].to_numpy(dtype=float)
             row["threshold"] = threshold
@@ -390,6 +398,9 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
         shown["stay"] = [f"{s}/{r}" for s, r in zip(table["stays"], table["runs"])]
         shown[f">= {at} for good from"] = table["settled_per_seed"]
         shown["median for good"] = [_step_text(step) for step in table["settled_median"]]
+    if "ms_per_env_step" in table:
+        shown["ms per env step"] = ["-" if n == 0 else f"{ms:.1f}" + ("" if n == r else f" (n={int(n)})")
+                                    for ms, n, r in zip(table["ms_per_env_step"], table["ms_per_env_step_n"], table["runs"])]
     return shown
 
 
