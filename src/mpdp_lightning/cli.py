@@ -85,6 +85,15 @@ class MPDPCLI(LightningCLI):
         self.resumed_from: Optional[int] = None
         super().__init__(*args, args=argv, **kwargs)
 
+    def _add_instantiators(self) -> None:  # noqa: D401 (extends a private LightningCLI step)
+        """Lightning's instantiators (model, data), then one for every other class, all handing
+        the classes plain numbers (``PlainNumbers``)."""
+        super()._add_instantiators()
+        registry = self.parser._instantiators or {}
+        for key, instantiator in list(registry.items()):
+            registry[key] = PlainNumbers(instantiator)
+        self.parser.add_instantiator(PlainNumbers(), object)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--task", type=str, required=True, help="task name: " + ", ".join(TASKS))
         parser.add_argument("--preset", type=Optional[str], default=None,
@@ -232,6 +241,48 @@ class MPDPCLI(LightningCLI):
             raise SystemExit(outcome.exit_code)
 
 
+class PlainNumbers:
+    """A class instantiator that hands the class plain numbers: every int and float subclass in its
+    arguments (jsonargparse's PositiveInt, NonNegativeFloat, ...: the types that checked the values)
+    becomes the plain int or float. Every class the CLI builds goes through one (``MPDPCLI``), so
+    this is the one place where the CLI's values enter the modules and callbacks: torch 2.11's
+    compiler refuses int and float subclasses in compiled code, and a weights-only checkpoint load
+    refuses classes it does not know in the saved hyperparameters.
+
+    Args:
+        instantiator: the one it wraps (Lightning's for the model and the data); None: the class.
+    """
+
+    def __init__(self, instantiator: Optional[Any] = None) -> None:
+        self.instantiator = instantiator
+
+    def __call__(self, class_type: type, *args: Any, applied_instantiation_links: Optional[dict] = None,
+                 **kwargs: Any) -> Any:
+        args, kwargs = _plain(list(args)), {key: _plain(value) for key, value in kwargs.items()}
+        if self.instantiator is None:
+            return class_type(*args, **kwargs)
+        if applied_instantiation_links is None:
+            return self.instantiator(class_type, *args, **kwargs)
+        links = {key: _plain(value) for key, value in applied_instantiation_links.items()}
+        return self.instantiator(class_type, *args, applied_instantiation_links=links, **kwargs)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if isinstance(value, dict):
+        items = {k: _plain(v) for k, v in value.items()}
+        return value if all(items[k] is v for k, v in value.items()) else type(value)(items)
+    return value
+
+
 def _is_class_spec(value: Any) -> bool:
     return isinstance(value, (Namespace, dict)) and "class_path" in value
 
@@ -246,19 +297,20 @@ def _instantiate(spec: Any) -> Any:
     return getattr(import_module(module), name)(**init_args)
 
 
+# How ``mpdp fit`` builds its LightningCLI (``MPDPCLI(pl.LightningModule, ReplayDataModule, **CLI_OPTIONS)``)
+CLI_OPTIONS: dict[str, Any] = dict(
+    subclass_mode_model=True,
+    save_config_callback=None,  # fails under MLflow; tracking.log_run_config logs the config
+    auto_configure_optimizers=False,
+    seed_everything_default=0,
+    parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
+)
+
+
 def main(args: Optional[list[str]] = None) -> None:
     quiet_libraries()
     try:
-        MPDPCLI(
-            pl.LightningModule,
-            ReplayDataModule,
-            argv=args,
-            subclass_mode_model=True,
-            save_config_callback=None,  # fails under MLflow; tracking.log_run_config logs the config
-            auto_configure_optimizers=False,
-            seed_everything_default=0,
-            parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
-        )
+        MPDPCLI(pl.LightningModule, ReplayDataModule, argv=args, **CLI_OPTIONS)
     except MPDPError as error:
         _fail(str(error))
 

@@ -110,8 +110,7 @@ class MBPO(ModelBasedSAC):
         self.schedule = RolloutSchedule(*(int(x) for x in schedule), epoch_length=epochs)
         self.retain_epochs = float(settings.retain_epochs if retain_epochs is None else retain_epochs)
         starts = settings.rollout_batch_size if rollout_batch_size is None else rollout_batch_size
-        # the hyperparameters as resolved (the arguments' None would hide the task's values), as
-        # plain numbers: the CLI's PositiveInt would not load from a weights-only checkpoint
+        # the hyperparameters as resolved: the arguments' None would hide the task's values
         self.hparams.update(
             rollout_batch_size=int(starts), rollout_schedule=[int(x) for x in schedule], epoch_length=epochs,
             retain_epochs=self.retain_epochs, target_entropy=float(entropy), model_train_every=int(train_every),

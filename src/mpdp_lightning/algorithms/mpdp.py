@@ -70,10 +70,8 @@ class MPDP(ModelBasedSAC):
     ) -> None:
         super().__init__(task, *args, **kwargs)
         hp = self.hparams
-        # plain numbers: torch.compile (torch 2.11) refuses the CLI's int and float subclasses
         self.improvement = ImprovementSettings(
-            int(horizon), float(hp.gamma), float(beta), bool(adaptive_horizon), str(threshold),
-            float(threshold_quantile), float(log_threshold), str(penalty_scale),
+            horizon, hp.gamma, beta, adaptive_horizon, threshold, threshold_quantile, log_threshold, penalty_scale,
         )
         self.actor = self.build_actor(heads=horizon)  # pi_0 .. pi_{H-1}; pi_0 acts
         # the "anchored" rule's u_T (NaN until the first update sets it), saved with the weights

@@ -77,7 +77,7 @@ class BatchedMLP(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
-        self.members = int(members)  # a plain int: compiled code refuses the CLI's int subclasses
+        self.members = members
         sizes = [in_features] + [hidden] * layers + [out_features]
         self.linears = nn.ModuleList(BatchedLinear(self.members, a, b, init) for a, b in zip(sizes[:-1], sizes[1:]))
         self.activation = ACTIVATIONS[activation]()

@@ -45,7 +45,7 @@ class SquashedGaussianHeads(nn.Module):
         log_std_max: float = 2.0,
     ) -> None:
         super().__init__()
-        self.heads, self.act_dim = int(heads), act_dim  # plain int: compiled code refuses the CLI's subclasses
+        self.heads, self.act_dim = heads, act_dim
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
         self.net = BatchedMLP(heads, obs_dim, 2 * act_dim, hidden, layers, activation)
         low = torch.as_tensor(action_low, dtype=torch.float32)

@@ -107,8 +107,7 @@ class GaussianEnsemble(nn.Module):
         if not 0 < num_elites <= ensemble_size or ensemble_size < 2:
             raise ValueError(f"need 2 <= ensemble_size and 0 < num_elites <= ensemble_size, got {ensemble_size}, {num_elites}")
         self.obs_dim, self.act_dim = obs_dim, act_dim
-        # plain ints: compiled code refuses the CLI's int subclasses
-        self.ensemble_size, self.num_elites = int(ensemble_size), int(num_elites)
+        self.ensemble_size, self.num_elites = ensemble_size, num_elites
         self.out_dim = obs_dim + 1
         self.net = BatchedMLP(self.ensemble_size, obs_dim + act_dim, 2 * self.out_dim, hidden, layers, activation, init="mbpo")
         self.max_logvar = nn.Parameter(torch.full((self.out_dim,), 0.5))
