@@ -152,3 +152,56 @@ def test_warm_up_and_capture_share_the_state_compiled_code_is_guarded_on():
     elsewhere(x)  # warmed up in another context
     with pytest.raises(torch._dynamo.exc.RecompileError), update_context("cpu", capturing=True):
         elsewhere(x)
+
+
+class SimulatedUnsupported(torch._dynamo.exc.TorchDynamoException):
+    """Stands in for what torch 2.11's compiler raised on a GPU at MPDP's first update:
+    ``Unsupported: ... UserDefinedObjectVariable(PositiveInt)``."""
+
+
+def _failing_compiler(monkeypatch):
+    """MPDP compiles its imagined step by default here (as on CUDA), and the compiler fails."""
+    from mpdp_lightning.algorithms import mpdp
+    from mpdp_lightning.objectives import h_step_improvement
+
+    calls = []
+
+    def compiled_step():
+        def step(*args):
+            calls.append(len(calls))
+            raise SimulatedUnsupported("UserDefinedObjectVariable(PositiveInt) is not supported")
+        return step
+
+    monkeypatch.setattr(mpdp, "compile_pays", lambda device: True)
+    for compiled in ("compiled_imagine_step", "compiled_masked_step"):  # compacted rows, masked rows
+        monkeypatch.setattr(h_step_improvement, compiled, compiled_step)
+    return calls
+
+
+def test_a_failed_compile_warns_once_and_the_run_goes_on_eagerly(in_tmp, monkeypatch):
+    """With --model.compile left to its default, a compiler that fails at update 1 costs one
+    warning, not the run: that update and all after it imagine eagerly."""
+    calls = _failing_compiler(monkeypatch)
+    improvements = []
+    from mpdp_lightning.algorithms.mpdp import MPDP
+
+    improve = MPDP.improve_policy
+    monkeypatch.setattr(MPDP, "improve_policy", lambda self, batch: improvements.append(1) or improve(self, batch))
+    with pytest.warns(UserWarning, match=r"could not be compiled \(SimulatedUnsupported: .*PositiveInt") as warned:
+        main(fit_args("hopper", 200, *TINY_MPDP, algo="mpdp"))
+    assert len([w for w in warned if "could not be compiled" in str(w.message)]) == 1
+    assert len(calls) == 1  # tried once, at the first update, never again
+    assert len(improvements) == 200  # every update ran: 100 env steps after warm-up, 2 updates each
+    from mlflow import MlflowClient
+
+    (run,) = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}").search_runs(["1"])
+    assert run.info.status == "FINISHED"
+
+
+def test_an_explicit_compile_true_makes_a_failed_compile_an_error(in_tmp, monkeypatch, capsys):
+    _failing_compiler(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        main(fit_args("hopper", 200, *TINY_MPDP, "--model.compile", "true", algo="mpdp"))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: model.compile true: the imagined step could not be compiled (SimulatedUnsupported")
