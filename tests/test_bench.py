@@ -83,3 +83,38 @@ def test_model_targets_bench_fits_both_ways_on_a_checkpoints_buffer_and_reports_
     model_targets.main()
     table = capsys.readouterr().out
     assert "| raw (MBPO) |" in table and "| normalised |" in table
+
+
+def test_kernels_are_counted_as_a_gpu_would_launch_them():
+    """Eager: one kernel per ATen op that does work (a view is none, however the CPU implements
+    an op inside); compiled: Inductor's fused kernels plus the matmuls its code calls."""
+    import torch
+
+    from mpdp_lightning.benchmarks.kernels import count_kernels
+
+    cpu = torch.device("cpu")
+    x = torch.randn(16, 16)
+    eager = count_kernels(lambda: (x @ x).relu().view(-1).mul(2.0).sum(), cpu)
+    assert (eager.aten, eager.generated) == (4, 0)  # mm, relu, mul, sum; the view and the scalar's wrapping are free
+    pointwise = torch.compile(lambda t: (t * 2).sin().cos() + 1, fullgraph=True)
+    fused = count_kernels(lambda: pointwise(x), cpu)
+    assert (fused.aten, fused.generated) == (0, 1)  # four pointwise ops, one fused kernel
+    layer = torch.compile(lambda t: (t @ t).relu() * 3, fullgraph=True)
+    mixed = count_kernels(lambda: layer(x), cpu)
+    assert (mixed.aten, mixed.generated) == (1, 1)  # the matmul as an extern call, the epilogue fused
+
+
+def test_compiling_the_masked_imagination_cuts_its_kernels_by_more_than_half():
+    """What ``make bench`` reports as kernels per call, at the quick preset's shapes: the masked
+    loop compiled (each step and its bookkeeping fused) against eager, the same improvement."""
+    import torch
+
+    from mpdp_lightning.benchmarks.kernels import count_kernels
+    from mpdp_lightning.benchmarks.update import CONFIGS, UpdateBench
+
+    cpu = torch.device("cpu")
+    bench = UpdateBench(CONFIGS["mpdp-quick"], cpu)
+    eager = count_kernels(lambda: bench.policy_phase(compact=False, compiled=False), cpu)
+    compiled = count_kernels(lambda: bench.policy_phase(compact=False, compiled=True), cpu)
+    assert eager.generated == 0 and compiled.generated > 0
+    assert compiled.total < eager.total / 2

@@ -14,6 +14,8 @@ side by side:
   (training/cuda_graph.py, the module's default there);
 - one model fit's epoch at each of ``--fit-rows`` buffer rows (timed over ``--fit-steps``
   minibatches and scaled to the epoch; the per-epoch holdout pass is left out);
+- kernels per call of each (benchmarks/kernels.py: on CUDA the GPU's; on the CPU the ATen ops and
+  Inductor kernels a GPU would launch), what a launch-bound GPU update's time follows;
 - FLOPs of each (torch.utils.flop_counter: the matmuls, forward and backward) and the achieved
   GFLOP/s, next to a batched matmul of the ensemble's hidden layer measured in the same run:
   the rate this device reaches at these shapes, the floor to compare with;
@@ -42,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tensordict import TensorDict
 
 from mpdp_lightning.benchmarks.common import random_transitions, timed
+from mpdp_lightning.benchmarks.kernels import count_kernels
 from mpdp_lightning.objectives.h_step_improvement import ImaginationNoise, ImprovementSettings, extended_improvement
 from mpdp_lightning.models.policy import SquashedGaussianHeads, Temperature, TwinQ
 from mpdp_lightning.objectives.sac_losses import actor_loss, critic_loss, temperature_loss
@@ -218,7 +221,9 @@ def bench_config(shapes: Shapes, device: torch.device, repeats: int, compile_mod
             fn()
         ms = timed(fn, repeats, device)
         flops = flops_of(eager or fn)
-        entry = {"ms": ms, "first_call_s": first_s, "gflop": flops / 1e9, "gflops_per_s": flops / ms / 1e6}
+        kernels = count_kernels(fn, device)  # recompiled to see Inductor's kernels on the CPU: warm-up calls
+        entry = {"ms": ms, "first_call_s": first_s, "gflop": flops / 1e9, "gflops_per_s": flops / ms / 1e6,
+                 "kernels": kernels.total, "kernels_generated": kernels.generated}
         out["phases"][name] = entry
         return entry
 
@@ -314,11 +319,11 @@ def format_report(report: dict) -> str:
                      + (f", H {shapes['horizon']}, K {shapes['ensemble']} of {shapes['model_layers']} x {shapes['model_hidden']})"
                         if shapes["horizon"] else ")"))
         lines.append(f"reference matmul: {mm['gflops_per_s']:.1f} GFLOP/s")
-        lines.append("| phase | ms | GFLOP | GFLOP/s | of matmul | first call s | mean horizon |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| phase | ms | kernels | GFLOP | GFLOP/s | of matmul | first call s | mean horizon |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for name, e in result["phases"].items():
             horizon = f"{e['mean_horizon']:.2f}" if "mean_horizon" in e else ""
-            lines.append(f"| {name} | {e['ms']:.2f} | {e['gflop']:.3f} | {e['gflops_per_s']:.1f} | "
+            lines.append(f"| {name} | {e['ms']:.2f} | {e['kernels']} | {e['gflop']:.3f} | {e['gflops_per_s']:.1f} | "
                          f"{e['gflops_per_s'] / mm['gflops_per_s']:.0%} | {e['first_call_s']:.1f} | {horizon} |")
         for prefix, reference in (("improvement, ", "eager masked"), ("update, ", "eager")):
             base = result["phases"].get(prefix + reference)

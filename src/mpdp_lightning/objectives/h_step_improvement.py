@@ -31,9 +31,10 @@ All randomness (each head's action noise, the model's elite and sample noise per
 is drawn once up front (``ImaginationNoise``), so a row's rollout is the same in both, and the
 same in eager and compiled runs. Only rounding differs (matmuls over other row counts, fused
 kernels), so a row whose u lies within rounding of u_T could stop a step apart.
-``imagine_step``, one step of one batch of rows, is what ``torch.compile`` compiles, whole
-(``fullgraph``): the same graphs serve every step and head (two, as the first step's start
-states carry no gradient; compacted, a step with a single live row adds one), where an
+One step is what ``torch.compile`` compiles, whole (``fullgraph``): masked, ``masked_step`` (the
+model step and every row's bookkeeping, fused into the same kernels); compacted, ``imagine_step``
+with a dynamic row count. The same graphs serve every step and head (two, as the first step's
+start states carry no gradient; compacted, a step with a single live row adds one), where an
 unrolled H-step graph's cold compile grows with H.
 """
 
@@ -42,7 +43,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
 
@@ -183,10 +184,74 @@ StepFn = Callable[..., tuple[torch.Tensor, ...]]
 
 
 @functools.cache
-def compiled_imagine_step(dynamic: bool) -> StepFn:
-    """``imagine_step`` under torch.compile, built once per process (Inductor also caches its
-    kernels on disk between runs). ``dynamic``: the batch size varies (compacted rows)."""
-    return torch.compile(imagine_step, dynamic=dynamic, fullgraph=True)
+def compiled_imagine_step() -> StepFn:
+    """``imagine_step`` under torch.compile for a varying number of rows (the compacted loop),
+    built once per process (Inductor also caches its kernels on disk between runs)."""
+    return torch.compile(imagine_step, dynamic=True, fullgraph=True)
+
+
+class MaskedRows(NamedTuple):
+    """Every row's running state in the masked loop (all rows run all H steps)."""
+
+    state: torch.Tensor  # [B, obs_dim] s_t; an ended row keeps its last state, detached
+    alive: torch.Tensor  # [B] bool: still imagining
+    stop_reason: torch.Tensor  # [B] STOP_* (STOP_HORIZON until a row stops otherwise)
+    horizon: torch.Tensor  # [B] model steps taken
+    objective: torch.Tensor  # [B] discounted rewards so far
+    # where each row crossed the threshold, gathered so that the critic runs once for all
+    # stopped rows after the loop instead of once per step
+    stop_state: torch.Tensor  # [B, obs_dim] s_t
+    stop_action: torch.Tensor  # [B, act_dim] a_t
+    stop_discounted_log_prob: torch.Tensor  # [B] gamma^t log pi_t(a_t|s_t)
+    stop_discount: torch.Tensor  # [B] gamma^t
+
+
+def masked_step(
+    actor: SquashedGaussianHeads,
+    model: GaussianEnsemble,
+    rows: MaskedRows,
+    head: MemberWeights,
+    action_noise: torch.Tensor,
+    pick: torch.Tensor,
+    model_noise: torch.Tensor,
+    alpha: torch.Tensor,
+    penalty: torch.Tensor,
+    threshold: torch.Tensor,
+    discount: torch.Tensor,
+    adaptive: bool,
+) -> tuple[MaskedRows, torch.Tensor, torch.Tensor]:
+    """Step t of the masked loop: ``imagine_step`` and every row's bookkeeping (where it stops and
+    why, its discounted reward), as one pure function, so that torch.compile fuses the bookkeeping
+    into the step's own kernels (eager, about 15 small kernels a step forward and as many
+    backward). ``discount`` is gamma^t as a tensor (one compiled graph for every t). Returns the
+    rows after the step, and log pi_t(a_t|s_t) and u_t of every row."""
+    action, log_prob, next_obs, reward, u, done = imagine_step(
+        actor, model, rows.state, head, action_noise, pick, model_noise, alpha, penalty
+    )
+    alive = rows.alive
+    unreliable = alive & (u >= threshold) if adaptive else torch.zeros_like(alive)
+    # D1: a row stopped by u ends with the soft Q of its unreliable pair, no model step
+    stop_state = torch.where(unreliable.unsqueeze(-1), rows.state, rows.stop_state)
+    stop_action = torch.where(unreliable.unsqueeze(-1), action, rows.stop_action)
+    stop_discounted_log_prob = torch.where(unreliable, discount * log_prob, rows.stop_discounted_log_prob)
+    stop_discount = torch.where(unreliable, discount, rows.stop_discount)
+    going = alive & ~unreliable
+    objective = rows.objective + torch.where(going, discount * reward, 0.0)
+    terminal = going & done
+    stop_reason = torch.where(unreliable, STOP_THRESHOLD, torch.where(terminal, STOP_TERMINAL, rows.stop_reason))
+    horizon = rows.horizon + going.long()
+    alive = going & ~done
+    # ended rows keep their last state, cut from the graph: they only run along masked
+    state = torch.where(alive.unsqueeze(-1), next_obs, rows.state.detach())
+    after = MaskedRows(state, alive, stop_reason, horizon, objective, stop_state, stop_action,
+                       stop_discounted_log_prob, stop_discount)
+    return after, log_prob, u
+
+
+@functools.cache
+def compiled_masked_step() -> Callable[..., tuple[MaskedRows, torch.Tensor, torch.Tensor]]:
+    """``masked_step`` under torch.compile, built once per process."""
+    return torch.compile(masked_step, dynamic=False, fullgraph=True)
 
 
 def extended_improvement(
@@ -217,8 +282,7 @@ def extended_improvement(
     u_real, threshold, scale = uncertainty_calibration(model, obs, real_action, settings, threshold_anchor)
     if noise is None:
         noise = ImaginationNoise.draw(settings.horizon, obs, actor.act_dim, model.num_elites)
-    step_fn = compiled_imagine_step(dynamic=compact) if compiled else imagine_step
-    imagination = _Imagination(step_fn, actor, critic, model, alpha, settings, threshold, settings.beta / scale, noise)
+    imagination = _Imagination(compiled, actor, critic, model, alpha, settings, threshold, settings.beta / scale, noise)
     with frozen(model), frozen(critic):
         objective, horizon, stop_reason, pi0_log_prob, first_u = (
             imagination.compacted(obs) if compact else imagination.masked(obs)
@@ -254,7 +318,7 @@ class _Imagination:
     compacted); both return (J per row, horizon, stop reason, log pi_0 at the start states, u of
     the first step)."""
 
-    step_fn: StepFn
+    compiled: bool  # each step through torch.compile
     actor: SquashedGaussianHeads
     critic: TwinQ
     model: GaussianEnsemble
@@ -265,54 +329,45 @@ class _Imagination:
     noise: ImaginationNoise
 
     def masked(self, obs: torch.Tensor) -> Rollout:
-        """All rows through all H steps."""
-        step_fn, actor, critic, model, alpha = self.step_fn, self.actor, self.critic, self.model, self.alpha
-        settings, threshold, penalty, noise = self.settings, self.threshold, self.penalty, self.noise
+        """All rows through all H steps (``masked_step``)."""
+        actor, critic, model, alpha, settings, noise = self.actor, self.critic, self.model, self.alpha, self.settings, self.noise
+        step_fn = compiled_masked_step() if self.compiled else masked_step
         batch = obs.shape[0]
         heads = actor.head_weights()
-        alive = torch.ones(batch, dtype=torch.bool, device=obs.device)
-        stop_reason = torch.full((batch,), STOP_HORIZON, dtype=torch.long, device=obs.device)
-        horizon = torch.zeros(batch, dtype=torch.long, device=obs.device)
-        objective = torch.zeros(batch, device=obs.device)
-        state = obs
-        zero = torch.zeros((), device=obs.device)
-        # The (s_t, a_t) where each row crossed the threshold, gathered over the steps, so that the
-        # critic runs once for all stopped rows after the loop instead of once per step.
-        stop_state, stop_action = torch.zeros_like(obs), obs.new_zeros(batch, actor.act_dim)
-        stop_discounted_log_prob = torch.zeros(batch, device=obs.device)
-        stop_discount = torch.zeros(batch, device=obs.device)
+        discounts = settings.gamma ** torch.arange(settings.horizon, device=obs.device, dtype=torch.float32)
+        rows = MaskedRows(
+            state=obs,
+            alive=torch.ones(batch, dtype=torch.bool, device=obs.device),
+            stop_reason=torch.full((batch,), STOP_HORIZON, dtype=torch.long, device=obs.device),
+            horizon=torch.zeros(batch, dtype=torch.long, device=obs.device),
+            objective=torch.zeros(batch, device=obs.device),
+            stop_state=torch.zeros_like(obs),
+            stop_action=obs.new_zeros(batch, actor.act_dim),
+            stop_discounted_log_prob=torch.zeros(batch, device=obs.device),
+            stop_discount=torch.zeros(batch, device=obs.device),
+        )
         for t in range(settings.horizon):
-            action, log_prob, next_obs, reward, u, done = step_fn(
-                actor, model, state, heads[t], noise.action[t], noise.pick[t], noise.model[t], alpha, penalty
+            rows, log_prob, u = step_fn(
+                actor, model, rows, heads[t], noise.action[t], noise.pick[t], noise.model[t], alpha, self.penalty,
+                self.threshold, discounts[t], settings.adaptive,
             )
             if t == 0:
                 pi0_log_prob, first_u = log_prob.detach(), u.detach()
-            discount = settings.gamma**t
-            unreliable = alive & (u >= threshold) if settings.adaptive else torch.zeros_like(alive)
-            # D1: a row stopped by u ends with the soft Q of its unreliable pair, no model step
-            stop_state = torch.where(unreliable.unsqueeze(-1), state, stop_state)
-            stop_action = torch.where(unreliable.unsqueeze(-1), action, stop_action)
-            stop_discounted_log_prob = torch.where(unreliable, discount * log_prob, stop_discounted_log_prob)
-            stop_discount = torch.where(unreliable, discount, stop_discount)
-            going = alive & ~unreliable
-            objective = objective + torch.where(going, discount * reward, zero)
-            terminal = going & done
-            stop_reason = torch.where(unreliable, STOP_THRESHOLD, torch.where(terminal, STOP_TERMINAL, stop_reason))
-            horizon = horizon + going.long()
-            alive = going & ~done
-            # ended rows keep their last state, cut from the graph: they only run along masked
-            state = torch.where(alive.unsqueeze(-1), next_obs, state.detach())
-        stopped = stop_reason == STOP_THRESHOLD
-        stop_q = critic(stop_state, stop_action).min(dim=0).values
-        objective = objective + torch.where(stopped, stop_discount * stop_q - alpha * stop_discounted_log_prob, zero)
-        objective = objective + torch.where(alive, self.horizon_value(state, noise.final_action), zero)
-        return objective, horizon, stop_reason, pi0_log_prob, first_u
+        zero = torch.zeros((), device=obs.device)
+        stopped = rows.stop_reason == STOP_THRESHOLD
+        stop_q = critic(rows.stop_state, rows.stop_action).min(dim=0).values
+        objective = rows.objective + torch.where(
+            stopped, rows.stop_discount * stop_q - alpha * rows.stop_discounted_log_prob, zero
+        )
+        objective = objective + torch.where(rows.alive, self.horizon_value(rows.state, noise.final_action), zero)
+        return objective, rows.horizon, rows.stop_reason, pi0_log_prob, first_u
 
     def compacted(self, obs: torch.Tensor) -> Rollout:
         """As ``masked``, but each step runs only the rows still alive (``rows`` holds their
         indices in the batch); each row's terms are added back at its index."""
-        step_fn, actor, critic, model, alpha = self.step_fn, self.actor, self.critic, self.model, self.alpha
+        actor, critic, model, alpha = self.actor, self.critic, self.model, self.alpha
         settings, threshold, penalty, noise = self.settings, self.threshold, self.penalty, self.noise
+        step_fn = compiled_imagine_step() if self.compiled else imagine_step
         batch = obs.shape[0]
         heads = actor.head_weights()
         rows = torch.arange(batch, device=obs.device)
