@@ -121,3 +121,53 @@ def test_compacted_rows_cannot_be_captured(in_tmp, capsys):
                       "--model.cuda_graph", "true", "--model.compact_rows", "true", algo="mpdp"))
     assert "model.cuda_graph: model.compact_rows true counts the live rows" in capsys.readouterr().err
     assert list(in_tmp.iterdir()) == []
+
+
+def test_phase_times_on_a_gpu_are_the_gpus_time_read_at_log_points():
+    """time/* on CUDA: the GPU's time of the phase (CUDA events), not the host's time to queue
+    its kernels, which is what a replayed graph's host-timed phase showed (0.1-0.2 ms)."""
+    import time
+
+    from mpdp_lightning.training.metrics import PhaseTimer
+
+    timer = PhaseTimer()
+    timer.use_cuda_events(True)
+    a = torch.randn(4096, 4096, device="cuda")
+    b = torch.randn(4096, 4096, device="cuda") / 64
+    for _ in range(3):  # cuBLAS warm-up
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with timer.phase("work"):
+        for _ in range(40):
+            a = a @ b
+    queued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    timer.count_update()
+    seconds = timer.pop_means()["time/work_seconds"]
+    assert seconds > 3 * queued  # more than the host's time to queue the work
+    assert 0.7 * total < seconds <= 1.05 * total  # the device's time of it
+
+
+def test_a_replayed_update_is_timed_by_what_it_costs_the_gpu():
+    module = _module(graph=True, compiled=False)
+    module.timer.use_cuda_events(True)
+    batches = _batches(WARMUP + 11, size=4096)
+    for batch in batches[: WARMUP + 1]:  # the warm-up calls and the capture
+        module.captured_update(batch)
+    module.timer.pop_means()
+    for batch in batches[WARMUP + 1:]:
+        with module.timer.phase("update"), module.timer.paused():
+            module.captured_update(batch)
+        module.timer.count_update()
+    gpu = module.timer.pop_means()["time/update_seconds"]
+    torch.cuda.synchronize()
+    import time
+
+    start = time.perf_counter()
+    for batch in batches[WARMUP + 1:]:
+        module.captured_update(batch)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / 10
+    assert 0.5 * wall < gpu <= 1.1 * wall

@@ -174,8 +174,10 @@ class SAC(pl.LightningModule):
         return None
 
     def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device
+        self.timer.use_cuda_events(device.type == "cuda")  # time/* on a GPU: the GPU's time
         wanted = self.hparams.get("cuda_graph")
-        problem = self.cuda_graph_problem(self.trainer.strategy.root_device, self.trainer.precision)
+        problem = self.cuda_graph_problem(device, self.trainer.precision)
         if wanted and problem:  # the CLI says so before any work; this is for direct Trainer use
             raise MPDPError(f"model.cuda_graph: {problem}")
         if (wanted is None and problem is None) or wanted:
