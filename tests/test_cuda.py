@@ -171,3 +171,15 @@ def test_a_replayed_update_is_timed_by_what_it_costs_the_gpu():
     torch.cuda.synchronize()
     wall = (time.perf_counter() - start) / 10
     assert 0.5 * wall < gpu <= 1.1 * wall
+
+
+@pytest.mark.parametrize("tf32,precision", [(None, "high"), (False, "highest")])
+def test_a_gpu_run_lets_its_matmuls_use_tf32_unless_told_not_to(in_tmp, tf32, precision):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        extra = () if tf32 is None else ("--model.tf32", "false")
+        main(fit_args("hopper", 150, "--trainer.accelerator", "gpu", "--trainer.devices", "1", *extra))
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -191,6 +191,31 @@ def test_quantile_threshold_and_median_scale_come_from_the_real_pairs():
     torch.testing.assert_close(result.diagnostics["u_threshold"], torch.quantile(u_real, 0.5))
 
 
+def test_the_real_pairs_statistics_are_computed_with_full_fp32_matmuls_when_the_run_allows_tf32():
+    """--model.tf32 (on CUDA) lets matmuls use TF32; u on the real pairs, which sets the threshold
+    and the penalty scale, is computed with full-precision matmuls all the same."""
+    actor, critic = _nets()
+    model = GaussianEnsemble(OBS, ACT, 4, 2, hidden=16, layers=2)
+    seen = []
+    forward = model.forward
+
+    def recording_forward(obs, action):
+        seen.append(torch.get_float32_matmul_precision())
+        return forward(obs, action)
+
+    model.forward = recording_forward
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        extended_improvement(actor, critic, model, torch.randn(8, OBS), torch.rand(8, ACT), torch.tensor(0.2),
+                             ImprovementSettings(horizon=2))
+        assert torch.get_float32_matmul_precision() == "high"  # as it was, after
+    finally:
+        torch.set_float32_matmul_precision(before)
+    # the calibration's forward on the real pairs in full fp32, the imagined steps' with TF32
+    assert seen[0] == "highest" and seen[1:] == ["high"] * (len(seen) - 1) and len(seen) > 1
+
+
 def test_the_anchored_threshold_is_set_by_the_first_update_and_then_held():
     actor, critic = _nets()
     obs, real_action = torch.randn(64, OBS), torch.rand(64, ACT) * 2 - 1

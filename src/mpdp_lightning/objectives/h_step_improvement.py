@@ -40,10 +40,11 @@ unrolled H-step graph's cold compile grows with H.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple, Optional
+from typing import Callable, Iterator, Literal, NamedTuple, Optional
 
 import torch
 
@@ -112,6 +113,21 @@ class ImprovementResult:
 STOP_THRESHOLD, STOP_TERMINAL, STOP_HORIZON = 0, 1, 2
 
 
+@contextlib.contextmanager
+def full_fp32_matmuls() -> Iterator[None]:
+    """float32 matmuls in full precision inside (cuBLAS reads the setting at each call, so a
+    captured CUDA graph keeps each matmul's mode); as it was outside."""
+    precision = torch.get_float32_matmul_precision()
+    if precision == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def uncertainty_calibration(
     model: GaussianEnsemble,
     obs: torch.Tensor,
@@ -119,9 +135,11 @@ def uncertainty_calibration(
     settings: ImprovementSettings,
     anchor: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """u on the batch's real pairs, the stopping threshold and the penalty scale (no gradient).
-    ``anchor``: the "anchored" rule's held u_T, NaN until the first update sets it."""
-    with torch.no_grad():
+    """u on the batch's real pairs, the stopping threshold and the penalty scale (no gradient),
+    in full fp32 even where the run lets matmuls use TF32 (``--model.tf32``): these statistics
+    decide where every row stops. ``anchor``: the "anchored" rule's held u_T, NaN until the
+    first update sets it."""
+    with torch.no_grad(), full_fp32_matmuls():
         u_real = model.uncertainty(*model(obs, action))
         if settings.threshold == "anchored":
             if anchor is None:
