@@ -159,22 +159,26 @@ class SimulatedUnsupported(torch._dynamo.exc.TorchDynamoException):
     ``Unsupported: ... UserDefinedObjectVariable(PositiveInt)``."""
 
 
-def _failing_compiler(monkeypatch):
-    """MPDP compiles its imagined step by default here (as on CUDA), and the compiler fails."""
-    from mpdp_lightning.algorithms import mpdp
+def _failing_compiler(monkeypatch, part="the imagined step"):
+    """The compiled parts are on by default here (as on CUDA), and the compiler fails on ``part``
+    (the other one runs eagerly, to keep the test short)."""
+    from mpdp_lightning.algorithms import model_based
+    from mpdp_lightning.models import world_model
     from mpdp_lightning.objectives import h_step_improvement
 
     calls = []
 
-    def compiled_step():
-        def step(*args):
+    def failing():
+        def compiled(*args):
             calls.append(len(calls))
             raise SimulatedUnsupported("UserDefinedObjectVariable(PositiveInt) is not supported")
-        return step
+        return compiled
 
-    monkeypatch.setattr(mpdp, "compile_pays", lambda device: True)
+    monkeypatch.setattr(model_based, "compile_pays", lambda device: True)
+    imagined = failing if part == "the imagined step" else (lambda: h_step_improvement.imagine_step)
     for compiled in ("compiled_imagine_step", "compiled_masked_step"):  # compacted rows, masked rows
-        monkeypatch.setattr(h_step_improvement, compiled, compiled_step)
+        monkeypatch.setattr(h_step_improvement, compiled, imagined)
+    monkeypatch.setattr(world_model, "compiled_nll_loss", failing if part != "the imagined step" else lambda: world_model.nll_loss)
     return calls
 
 
@@ -205,3 +209,11 @@ def test_an_explicit_compile_true_makes_a_failed_compile_an_error(in_tmp, monkey
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: model.compile true: the imagined step could not be compiled (SimulatedUnsupported")
+
+
+def test_a_failed_compile_of_the_model_fit_warns_once_and_mbpo_goes_on_eagerly(in_tmp, monkeypatch):
+    calls = _failing_compiler(monkeypatch, part="the model fit")
+    with pytest.warns(UserWarning, match=r"the model fit's minibatch loss could not be compiled \(SimulatedUnsupported") as warned:
+        main(fit_args("hopper", 300, *TINY_MODEL, "--model.model_batch_size", "32", algo="mbpo"))
+    assert len([w for w in warned if "could not be compiled" in str(w.message)]) == 1
+    assert len(calls) == 1  # the first fit's first minibatch; that fit and the later ones eagerly

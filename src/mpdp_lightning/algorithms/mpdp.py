@@ -19,28 +19,8 @@ from tensordict import TensorDictBase
 from mpdp_lightning.objectives.h_step_improvement import (
     ImprovementResult, ImprovementSettings, PenaltyScale, ThresholdRule, extended_improvement,
 )
-from mpdp_lightning.errors import MPDPError
 from mpdp_lightning.training.metrics import log_json_artifact
-from mpdp_lightning.algorithms.model_based import ModelBasedSAC
-
-
-def compile_pays(device: torch.device) -> bool:
-    """Whether ``--model.compile`` defaults to on for ``device``: on CUDA, where eager MPDP is
-    bound by kernel launches. Not on the CPU, where it is bound by the matmuls: with rows
-    compacted, compiling gained 0-6 % (quick shapes) and lost 10 % (paper shapes) in `make bench`
-    on one thread, for a cold compile of 5-16 s per process."""
-    return device.type == "cuda"
-
-
-def is_compile_error(error: BaseException) -> bool:
-    """Whether ``error`` is torch.compile's (Dynamo's or Inductor's), not the code's it compiles."""
-    return isinstance(error, torch._dynamo.exc.TorchDynamoException) or type(error).__module__.startswith(
-        ("torch._dynamo", "torch._inductor")
-    )
-
-
-def capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+from mpdp_lightning.algorithms.model_based import ModelBasedSAC, capturing, is_compile_error
 
 
 class MPDP(ModelBasedSAC):
@@ -57,10 +37,6 @@ class MPDP(ModelBasedSAC):
         log_threshold: u_T of the "absolute" rule, in log space (the paper's -5).
         penalty_scale: "median" (u relative to its median on the real pairs, D7) or "none" (raw u).
         head_grad_clip: clip the heads' gradient norm to this value (D6); None: no clipping.
-        compile: run each imagined step through torch.compile (the same loss and gradients as
-            eager up to rounding; the cold compile is cached on disk for later runs); None:
-            where it pays (see ``compile_pays``), and should the compiler fail, warn and go on
-            eagerly (True: stop with the compiler's error).
         compact_rows: imagine only the rows still alive at each step, so rows that have stopped
             cost nothing (the same loss and gradients as masking them, up to rounding); finding
             them reads the device a few times per step, free on the CPU and a synchronisation
@@ -79,7 +55,6 @@ class MPDP(ModelBasedSAC):
         log_threshold: float = -5.0,
         penalty_scale: PenaltyScale = "median",
         head_grad_clip: Optional[PositiveFloat] = None,
-        compile: Optional[bool] = None,
         compact_rows: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
@@ -96,7 +71,6 @@ class MPDP(ModelBasedSAC):
         self.register_buffer("horizon_counts", torch.zeros(horizon + 1, dtype=torch.long), persistent=False)
         self.horizon_history: dict[int, list[int]] = {}
         self._sac_windows = 0  # consecutive log windows in which every row stopped at its first step
-        self._imagination_plan: Optional[tuple[bool, bool]] = None  # see imagination_plan
 
     def cuda_graph_problem(self, device: torch.device, precision: str) -> Optional[str]:
         problem = super().cuda_graph_problem(device, precision)
@@ -109,33 +83,22 @@ class MPDP(ModelBasedSAC):
         rollout from real states, which is what a planner's rollout is."""
         return self.actor.act(obs, head=min(step, self.actor.heads - 1))
 
-    def imagination_plan(self, device: torch.device) -> tuple[bool, bool]:
-        """(compact rows, compiled steps) on ``device``: the arguments, or where they are None,
-        what pays there; decided at the first update and kept (a failed compile turns it off)."""
-        if self._imagination_plan is None:
-            hp = self.hparams
-            compact = hp.compact_rows if hp.compact_rows is not None else device.type == "cpu"
-            compiled = hp.compile if hp.compile is not None else compile_pays(device)
-            self._imagination_plan = (bool(compact), bool(compiled))
-        return self._imagination_plan
+    def compacts_rows(self, device: torch.device) -> bool:
+        """Whether the imagination goes on with the live rows only on ``device`` (see compact_rows)."""
+        compact = self.hparams.compact_rows
+        return bool(compact) if compact is not None else device.type == "cpu"
 
     def improve_policy(self, batch: TensorDictBase) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Algorithm 1: one backward of the H-step objective into every head."""
-        compact, compiled = self.imagination_plan(batch["obs"].device)
+        device = batch["obs"].device
+        compact, compiled = self.compacts_rows(device), self.compiles(device)
         actor_optimizer = self.optimizer("actor")
         try:
             result = self.objective_and_gradients(batch, actor_optimizer, compact, compiled)
         except Exception as error:
             if not (compiled and is_compile_error(error)) or capturing():
                 raise  # not the compiler's (the capture's own fallback handles a failed capture)
-            why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
-            if self.hparams.compile:
-                raise MPDPError(f"model.compile true: the imagined step could not be compiled ({why})") from error
-            # --model.compile left to its default: a compiler that fails (an unsupported construct,
-            # a backend error) costs a warning, never the run; this update is redone eagerly
-            self._imagination_plan = (compact, False)
-            rank_zero_warn(f"the imagined step could not be compiled ({why}); imagining eagerly from now on "
-                           f"(--model.compile false skips the attempt, true makes it an error)")
+            self.compile_failed(error, "the imagined step")  # this update is redone eagerly
             result = self.objective_and_gradients(batch, actor_optimizer, compact, compiled=False)
         if self.improvement.threshold == "anchored":
             self.threshold_anchor.copy_(result.diagnostics["u_threshold"])  # on the device: no sync

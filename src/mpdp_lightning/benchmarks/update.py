@@ -49,7 +49,7 @@ from mpdp_lightning.objectives.h_step_improvement import ImaginationNoise, Impro
 from mpdp_lightning.models.policy import SquashedGaussianHeads, Temperature, TwinQ
 from mpdp_lightning.objectives.sac_losses import actor_loss, critic_loss, temperature_loss
 from mpdp_lightning.envs.tasks import get_task, task_spaces
-from mpdp_lightning.models.world_model import GaussianEnsemble, fit_ensemble, nll_loss
+from mpdp_lightning.models.world_model import GaussianEnsemble, compiled_nll_loss, fit_ensemble, nll_loss
 from mpdp_lightning.training.cuda_graph import CapturedUpdate
 
 ADAM = {"fused": True}
@@ -256,8 +256,10 @@ def update_modes(device: torch.device, compiled: bool) -> list[tuple[str, bool, 
     return modes
 
 
-def bench_fit(shapes: Shapes, device: torch.device, rows: list[int], steps: int) -> dict[int, dict]:
-    """ms per epoch of the model fit at each buffer size, timed over ``steps`` minibatches."""
+def bench_fit(shapes: Shapes, device: torch.device, rows: list[int], steps: int, compiled: bool = False) -> dict[int, dict]:
+    """ms per epoch of the model fit at each buffer size, timed over ``steps`` minibatches, and
+    the kernels of one minibatch step; ``compiled``: also with the minibatch loss compiled (as
+    the module runs it on CUDA, ``compiled_nll_loss``)."""
     spaces = task_spaces(shapes.task)
     in_dim, out_dim = spaces.obs_dim + spaces.act_dim, spaces.obs_dim + 1
     model = GaussianEnsemble(spaces.obs_dim, spaces.act_dim, shapes.ensemble, shapes.elites, shapes.model_hidden,
@@ -271,10 +273,10 @@ def bench_fit(shapes: Shapes, device: torch.device, rows: list[int], steps: int)
         minibatches = math.ceil(n_train / 256)
         boot = torch.randint(n_train, (shapes.ensemble, steps * 256), device=device)
 
-        def some_steps() -> None:
-            for i in range(steps):
+        def some_steps(loss_fn: Callable = nll_loss, count: int = steps) -> None:
+            for i in range(count):
                 idx = boot[:, i * 256 : (i + 1) * 256]
-                loss, _ = nll_loss(model, inputs[idx], targets[idx])
+                loss, _ = loss_fn(model, inputs[idx], targets[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -283,7 +285,13 @@ def bench_fit(shapes: Shapes, device: torch.device, rows: list[int], steps: int)
         step_ms = timed(some_steps, 3, device) / steps
         flops = flops_of(lambda: nll_loss(model, inputs[boot[:, :256]], targets[boot[:, :256]])[0].backward())
         result[n] = {"minibatch_ms": step_ms, "epoch_ms": step_ms * minibatches, "minibatches": minibatches,
-                     "epoch_gflop": flops * minibatches / 1e9, "gflops_per_s": flops / step_ms / 1e6}
+                     "epoch_gflop": flops * minibatches / 1e9, "gflops_per_s": flops / step_ms / 1e6,
+                     "minibatch_kernels": count_kernels(lambda: some_steps(count=1), device).total}
+        if compiled:
+            some_steps(compiled_nll_loss())
+            compiled_ms = timed(lambda: some_steps(compiled_nll_loss()), 3, device) / steps
+            result[n].update(minibatch_ms_compiled=compiled_ms, epoch_ms_compiled=compiled_ms * minibatches,
+                             minibatch_kernels_compiled=count_kernels(lambda: some_steps(compiled_nll_loss(), 1), device).total)
     return result
 
 
@@ -334,11 +342,13 @@ def format_report(report: dict) -> str:
         lines.append("")
     if report.get("fit"):
         lines.append("## model fit, one epoch (paper ensemble)")
-        lines.append("| buffer rows | minibatches | ms per minibatch | s per epoch | GFLOP per epoch | GFLOP/s |")
-        lines.append("| --- | --- | --- | --- | --- | --- |")
+        lines.append("| buffer rows | minibatches | ms per minibatch | s per epoch | GFLOP per epoch | GFLOP/s | kernels per minibatch |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
         for n, e in report["fit"].items():
+            compiled = (f"; compiled {e['minibatch_ms_compiled']:.2f} ms, {e['minibatch_kernels_compiled']} kernels"
+                        if "minibatch_ms_compiled" in e else "")
             lines.append(f"| {n} | {e['minibatches']} | {e['minibatch_ms']:.2f} | {e['epoch_ms'] / 1e3:.2f} | "
-                         f"{e['epoch_gflop']:.0f} | {e['gflops_per_s']:.1f} |")
+                         f"{e['epoch_gflop']:.0f} | {e['gflops_per_s']:.1f} | {e['minibatch_kernels']}{compiled} |")
         lines.append("")
     for name, p in report.get("projection", {}).items():
         lines.append(f"- walker2d, paper preset, {name}: {p['env_steps_per_hour']:.0f} env steps/h "
@@ -386,12 +396,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(format_report({**report, "configs": report["configs"][-1:]}).split("\n", 2)[2], flush=True)
     paper = next((r for r in report["configs"] if r["config"]["name"] == "mpdp-paper"), None)
     if fit_rows:
-        report["fit"] = bench_fit(CONFIGS["mpdp-paper"], device, fit_rows, args.fit_steps)
+        report["fit"] = bench_fit(CONFIGS["mpdp-paper"], device, fit_rows, args.fit_steps, compiled=not args.no_compile)
         if paper is not None:
             others = paper["phases"]["critic"]["ms"]  # the paper preset's alpha is fixed: no temperature step
+            # a compiled update goes with compiled fit minibatches, as in a run (--model.compile covers both)
+            compiled_fit = {n: {**e, "epoch_ms": e.get("epoch_ms_compiled", e["epoch_ms"])} for n, e in report["fit"].items()}
             report["projection"] = {
                 name: walker2d_projection(e["ms"] + (others if name.startswith("improvement, ") else 0.0),
-                                          report["fit"], args.run_steps, args.fit_epochs)
+                                          compiled_fit if "compiled" in name else report["fit"], args.run_steps,
+                                          args.fit_epochs)
                 for name, e in paper["phases"].items() if name.startswith(("improvement, ", "update, "))
             }
     text = format_report(report)

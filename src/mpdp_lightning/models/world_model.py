@@ -17,6 +17,7 @@ u(s, a) = sum_i KL(p_i || p_-i) of Eq. 8, where p_-i moment-matches the other K-
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -234,6 +235,14 @@ def nll_loss(model: GaussianEnsemble, inputs: torch.Tensor, targets: torch.Tenso
     return nll.sum() + bounds + decay, nll.detach()
 
 
+@functools.cache
+def compiled_nll_loss() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``nll_loss`` under torch.compile, for minibatches of one size, built once per process: at
+    the paper's ensemble a minibatch step (forward, backward, Adam) launches 31 kernels instead of
+    127 (counted on the CPU, benchmarks/kernels.py)."""
+    return torch.compile(nll_loss, dynamic=False, fullgraph=True)
+
+
 @torch.no_grad()
 def holdout_errors(model: GaussianEnsemble, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-member MSE and Gaussian NLL on a holdout set [N, .], in the model's target units (raw,
@@ -273,6 +282,7 @@ def fit_ensemble(
     patience: int = 5,
     min_improvement: float = 0.01,
     generator: Optional[torch.Generator] = None,
+    compiled: bool = False,
 ) -> FitReport:
     """Fit ``model`` on all transitions (inputs [N, obs+act], targets [N, obs+1]) as MBPO does.
 
@@ -286,8 +296,11 @@ def fit_ensemble(
     more than ``patience`` epochs, as MBPO's ``_epochs_since_update > 5`` (on CUDA read one epoch
     late, so that no epoch waits on the host); ``max_epochs`` caps it (None: no cap, as MBPO). The
     ``num_elites`` best members become the elites. ``step(loss)`` performs the backward pass and
-    the optimizer step.
+    the optimizer step. ``compiled``: the minibatch loss (forward, NLL, penalties, and so its
+    backward) through torch.compile (``compiled_nll_loss``; an epoch's last, smaller minibatch
+    eagerly, so that no buffer size compiles anew).
     """
+    full_loss = compiled_nll_loss() if compiled else nll_loss
     n = inputs.shape[0]
     device = inputs.device
     n_holdout = min(int(n * holdout_ratio), max_holdout) if n >= 5 else 0
@@ -319,7 +332,8 @@ def fit_ensemble(
         boot = boot.gather(1, torch.rand(boot.shape, device=device, generator=generator).argsort(dim=1))  # new order
         for start in range(0, train.numel(), batch_size):
             idx = boot[:, start : start + batch_size]
-            loss, _ = nll_loss(model, train_in[idx], train_out[idx])
+            loss_fn = full_loss if idx.shape[1] == batch_size else nll_loss
+            loss, _ = loss_fn(model, train_in[idx], train_out[idx])
             step(loss)
         epoch += 1
         mse, _ = holdout_errors(model, hold_in, hold_out)
