@@ -33,9 +33,9 @@ same in eager and compiled runs. Only rounding differs (matmuls over other row c
 kernels), so a row whose u lies within rounding of u_T could stop a step apart.
 One step is what ``torch.compile`` compiles, whole (``fullgraph``): masked, ``masked_step`` (the
 model step and every row's bookkeeping, fused into the same kernels); compacted, ``imagine_step``
-with a dynamic row count. The same graphs serve every step and head (two, as the first step's
-start states carry no gradient; compacted, a step with a single live row adds one), where an
-unrolled H-step graph's cold compile grows with H.
+with a dynamic row count. The same graphs serve every step and head (masked, three: the first
+step's rows carry no gradient, and the second's stopped states none yet; compacted, two, and a
+step with a single live row adds one), where an unrolled H-step graph's cold compile grows with H.
 """
 
 from __future__ import annotations
