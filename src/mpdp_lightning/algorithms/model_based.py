@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
@@ -46,6 +46,9 @@ def is_compile_error(error: BaseException) -> bool:
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+T = TypeVar("T")
 
 
 class ModelBasedSAC(SAC):
@@ -133,11 +136,23 @@ class ModelBasedSAC(SAC):
             self._compiles = bool(wanted) if wanted is not None else compile_pays(device)
         return self._compiles
 
+    def run_compiled(self, device: torch.device, what: str, run: Callable[[bool], T]) -> T:
+        """``run(compiled)``, compiled where ``compiles(device)``. Should torch.compile fail on
+        ``what`` with ``--model.compile`` left to its default, warn once and redo it, and every
+        compiled part from now on, eagerly (a compiler that fails, say on an unsupported construct
+        in another torch, costs a warning, never the run); with ``--model.compile true``, stop with
+        a one-line error. While a CUDA graph is being captured the error is left to the capture,
+        whose own fallback applies."""
+        compiled = self.compiles(device)
+        try:
+            return run(compiled)
+        except Exception as error:
+            if not (compiled and is_compile_error(error)) or capturing():
+                raise
+            self.compile_failed(error, what)
+            return run(False)
+
     def compile_failed(self, error: BaseException, what: str) -> None:
-        """After torch.compile failed on ``what``: with ``--model.compile`` left to its default,
-        warn once and run every compiled part eagerly from now on (a compiler that fails, say on
-        an unsupported construct in another torch, costs a warning, never the run); with
-        ``--model.compile true``, stop with a one-line error."""
         why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
         if self.hparams.get("compile"):
             raise MPDPError(f"model.compile true: {what} could not be compiled ({why})") from error
@@ -180,14 +195,8 @@ class ModelBasedSAC(SAC):
                 compiled=compiled,
             )
 
-        compiled = self.compiles(inputs.device)
-        try:
-            report = fit(compiled)
-        except Exception as error:
-            if not (compiled and is_compile_error(error)) or capturing():
-                raise
-            self.compile_failed(error, "the model fit's minibatch loss")
-            report = fit(compiled=False)  # from where the failed fit left the weights
+        # a fit redone eagerly after a failed compile starts from where the failed one left the weights
+        report = self.run_compiled(inputs.device, "the model fit's minibatch loss", fit)
         self.check_phase("model", torch.tensor(report.holdout_nll, device=self.device), model_optimizer)
         if not math.isfinite(report.holdout_nll):
             self.raise_if_not_finite()

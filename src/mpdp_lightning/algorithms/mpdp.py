@@ -20,7 +20,7 @@ from mpdp_lightning.objectives.h_step_improvement import (
     ImprovementResult, ImprovementSettings, PenaltyScale, ThresholdRule, extended_improvement,
 )
 from mpdp_lightning.training.metrics import log_json_artifact
-from mpdp_lightning.algorithms.model_based import ModelBasedSAC, capturing, is_compile_error
+from mpdp_lightning.algorithms.model_based import ModelBasedSAC
 
 
 class MPDP(ModelBasedSAC):
@@ -91,15 +91,12 @@ class MPDP(ModelBasedSAC):
     def improve_policy(self, batch: TensorDictBase) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Algorithm 1: one backward of the H-step objective into every head."""
         device = batch["obs"].device
-        compact, compiled = self.compacts_rows(device), self.compiles(device)
+        compact = self.compacts_rows(device)
         actor_optimizer = self.optimizer("actor")
-        try:
-            result = self.objective_and_gradients(batch, actor_optimizer, compact, compiled)
-        except Exception as error:
-            if not (compiled and is_compile_error(error)) or capturing():
-                raise  # not the compiler's (the capture's own fallback handles a failed capture)
-            self.compile_failed(error, "the imagined step")  # this update is redone eagerly
-            result = self.objective_and_gradients(batch, actor_optimizer, compact, compiled=False)
+        result = self.run_compiled(
+            device, "the imagined step",
+            lambda compiled: self.objective_and_gradients(batch, actor_optimizer, compact, compiled),
+        )
         if self.improvement.threshold == "anchored":
             self.threshold_anchor.copy_(result.diagnostics["u_threshold"])  # on the device: no sync
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.actor.parameters() if p.grad is not None])
