@@ -1,8 +1,8 @@
 """A sweep trial's results as a small JSON file meant for git: ``benchmarks/results/<sweep>/<trial>.json``.
 
 A sweep's MLflow store and trial folders stay on the machine that ran it; a record does not. It
-holds what the comparison needs (the curves of ``compare.FIGURE_METRICS`` and the env-step rate,
-one point per env step as ``compare.latest_attempt`` keeps them), the run's resolved config (its
+holds what the comparison needs (the curves of ``mlflow_runs.FIGURE_METRICS`` and the env-step rate,
+one point per env step as ``mlflow_runs.latest_attempt`` keeps them), the run's resolved config (its
 MLflow params), version and commit, wall time and the machine, so that ``compare --records``
 reproduces the table over seeds without the store, a sweep re-run on a fresh clone skips the
 recorded trials, and anyone can compare their runs with ours (as rliable and openrlbenchmark do).
@@ -31,7 +31,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from mpdp_lightning.errors import MPDPError
-from mpdp_lightning.experiments.compare import FIGURE_METRICS, latest_attempt, training_runs
+from mpdp_lightning.experiments.mlflow_runs import FIGURE_METRICS, latest_attempt, training_runs
 
 SCHEMA = 1
 DEFAULT_RESULTS = Path("benchmarks/results")
