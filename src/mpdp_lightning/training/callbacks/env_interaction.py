@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from tensordict import TensorDict
 
 from mpdp_lightning.training.metrics import log_metrics
+from mpdp_lightning.envs.stepping import step_envs
 from mpdp_lightning.envs.tasks import make_env
 
 
@@ -131,23 +132,25 @@ class EnvInteraction(Callback):
     # ---- one env step -----------------------------------------------------------------------
     def env_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, random: bool) -> None:
         if random:
-            action = self.env.action_space.sample()
+            policy = lambda obs: self.env.action_space.sample()[None]  # noqa: E731
         else:
-            action = pl_module.act_on_host(self._obs[None], where=f"at env step {pl_module.env_steps + 1}", explore=True)[0]
-        next_obs, reward, terminated, truncated, _ = self.env.step(action)
+            where = f"at env step {pl_module.env_steps + 1}"
+            policy = lambda obs: pl_module.act_on_host(obs, where=where, explore=True)  # noqa: E731
+        [step] = step_envs([self.env], [self._obs], policy)
         trainer.datamodule.add(
             TensorDict(
-                obs=torch.as_tensor(self._obs, dtype=torch.float32),
-                action=torch.as_tensor(action, dtype=torch.float32),
-                reward=torch.tensor(float(reward)),
-                next_obs=torch.as_tensor(next_obs, dtype=torch.float32),
-                terminated=torch.tensor(bool(terminated)),
+                obs=torch.as_tensor(step.obs, dtype=torch.float32),
+                action=torch.as_tensor(step.action, dtype=torch.float32),
+                reward=torch.tensor(step.reward),
+                next_obs=torch.as_tensor(step.next_obs, dtype=torch.float32),
+                terminated=torch.tensor(step.terminated),
             )
         )
         pl_module.env_steps += 1
-        self._episode_return += float(reward)
+        self._episode_return += step.reward
         self._episode_length += 1
-        if terminated or truncated:
+        next_obs = step.next_obs
+        if step.done:
             self._finished_returns.append(self._episode_return)
             self._finished_lengths.append(self._episode_length)
             self.episodes += 1

@@ -11,6 +11,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from mpdp_lightning.training.callbacks.env_interaction import global_seed
 from mpdp_lightning.training.callbacks.schedule import EnvStepRoutine
 from mpdp_lightning.training.metrics import log_metrics
+from mpdp_lightning.envs.stepping import run_episodes
 from mpdp_lightning.envs.tasks import make_env
 
 # Evaluation seeds are offset from training seeds so the two environments never share episodes.
@@ -57,20 +58,11 @@ class Evaluation(EnvStepRoutine):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Run the episodes in lockstep, one batched policy call per step for all that are running."""
         base_seed = (self.seed if self.seed is not None else global_seed() + EVAL_SEED_OFFSET) + pl_module.env_steps
-        obs = [env.reset(seed=base_seed + i)[0] for i, env in enumerate(self.envs)]
-        returns, lengths = np.zeros(len(self.envs)), np.zeros(len(self.envs), dtype=int)
-        running = list(range(len(self.envs)))
-        while running:
-            actions = pl_module.act_on_host(np.stack([obs[i] for i in running]), deterministic=True,
-                                            where=f"in the evaluation at env step {pl_module.env_steps}")
-            still_running = []
-            for i, action in zip(running, actions):
-                obs[i], reward, terminated, truncated, _ = self.envs[i].step(action)
-                returns[i] += float(reward)
-                lengths[i] += 1
-                if not (terminated or truncated):
-                    still_running.append(i)
-            running = still_running
+        where = f"in the evaluation at env step {pl_module.env_steps}"
+        returns, lengths = run_episodes(
+            self.envs, [base_seed + i for i in range(len(self.envs))],
+            lambda obs: pl_module.act_on_host(obs, deterministic=True, where=where),
+        )
         metrics = {
             "eval/return": float(returns.mean()),
             "eval/return_std": float(returns.std()),

@@ -31,10 +31,15 @@ from mpdp_lightning.training.callbacks.env_interaction import global_seed
 from mpdp_lightning.training.callbacks.evaluation import EVAL_SEED_OFFSET
 from mpdp_lightning.training.callbacks.schedule import EnvStepRoutine
 from mpdp_lightning.training.metrics import log_metrics
+from mpdp_lightning.envs.stepping import EnvStep, run_episodes
 from mpdp_lightning.envs.tasks import make_env
 
 ARTIFACT_DIR = "video"
 REAL_TIME_FPS = 30  # frame_skip=None keeps about this many frames per second of simulated time
+
+
+class _PolicyDiverged(Exception):
+    """pi_0's action was NaN or inf: the video ends there."""
 
 
 def artifact_name(env_steps: int) -> str:
@@ -142,24 +147,38 @@ class EvaluationVideo(EnvStepRoutine):
         skip = self.frame_skip or max(1, round(render_fps / REAL_TIME_FPS))
         fps = self.fps or render_fps / skip
         seed = (self.seed if self.seed is not None else global_seed() + EVAL_SEED_OFFSET) + pl_module.env_steps
-        obs, _ = env.reset(seed=seed)
         writer = imageio.get_writer(
             path, format="FFMPEG", mode="I", fps=fps, codec="libx264", macro_block_size=2, ffmpeg_log_level="error"
         )
+        frames = 0
+
+        def frame() -> None:
+            nonlocal frames
+            writer.append_data(env.render())
+            frames += 1
+
+        def policy(obs: np.ndarray) -> np.ndarray:
+            actions = pl_module.act_on_host(obs, deterministic=True, finite=False)
+            if not np.isfinite(actions).all():  # a diverged policy: MuJoCo gets no NaN, the video ends
+                raise _PolicyDiverged
+            return actions
+
+        def on_step(step: EnvStep) -> bool:
+            nonlocal steps
+            steps += 1
+            if step.done or steps % skip == 0:  # the last frame shows how the episode ended
+                frame()
+            return frames < self.max_frames
+
+        steps = 0
         try:
-            writer.append_data(env.render())  # the start state
-            frames, step, done = 1, 0, False
-            while frames < self.max_frames and not done:
-                batch = torch.as_tensor(obs, dtype=torch.float32, device=pl_module.device).unsqueeze(0)
-                action = pl_module.act(batch, deterministic=True)[0].cpu().numpy()
-                if not np.isfinite(action).all():  # a diverged policy: MuJoCo gets no NaN, the video ends
-                    break
-                obs, _, terminated, truncated, _ = env.step(action)
-                step += 1
-                done = terminated or truncated
-                if done or step % skip == 0:  # the last frame shows how the episode ended
-                    writer.append_data(env.render())
-                    frames += 1
+            if self.max_frames > 1:
+                run_episodes([env], [seed], policy, on_step, after_reset=frame)
+            else:
+                env.reset(seed=seed)
+                frame()  # the start state
+        except _PolicyDiverged:
+            pass
         finally:
             writer.close()
         return frames
