@@ -11,7 +11,7 @@ from tensordict import TensorDict
 
 from helpers import TINY_MODEL, fit_args
 from mpdp_lightning.algorithms.mpdp import MPDP
-from mpdp_lightning.algorithms.sac import SAC
+from mpdp_lightning.algorithms.agent import Agent
 from mpdp_lightning.cli import main
 from mpdp_lightning.training.cuda_graph import CapturedUpdate
 
@@ -28,7 +28,7 @@ def test_updates_are_replayed_from_a_cuda_graph_and_never_synchronise_with_the_h
     # mode "error": a .item(), a nonzero, a blocking copy raises. Env steps and model fits
     # (every 100 env steps here) stay outside, as in a run. MPDP's imagined step is compiled, as
     # by default on CUDA.
-    step = SAC.training_step
+    step = Agent.training_step
     strict = []
 
     def strict_step(self, batch, batch_idx):
@@ -41,7 +41,7 @@ def test_updates_are_replayed_from_a_cuda_graph_and_never_synchronise_with_the_h
             torch.cuda.set_sync_debug_mode(0)
         strict.append(self.captured_update is not None and self.captured_update.captured)
 
-    monkeypatch.setattr(SAC, "training_step", strict_step)
+    monkeypatch.setattr(Agent, "training_step", strict_step)
     main(fit_args("hopper", 200, "--trainer.accelerator", "gpu", "--trainer.devices", "1",
                   "--trainer.precision", precision, *TINY[algo], algo=algo))
     assert len(strict) >= 90 and all(strict)  # every strict update was a replay
@@ -52,10 +52,10 @@ def _module(graph: bool, compiled: bool) -> MPDP:
     torch.manual_seed(0)
     module = MPDP("hopper", hidden=32, layers=2, ensemble_size=3, num_elites=2, model_hidden=32, model_layers=2,
                   horizon=3, auto_alpha=True, compile=compiled).cuda()
-    module._direct_steps = True
+    module.execution_plan(torch.device("cuda"), "32-true")
     module.captured_update = CapturedUpdate(module.update, warmup=WARMUP) if graph else None
     optimizers = module.configure_optimizers()  # capturable where captured
-    module.optimizers = lambda: optimizers
+    module.optimizers = lambda use_pl_optimizer=True: optimizers
     return module
 
 

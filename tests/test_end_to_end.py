@@ -257,7 +257,44 @@ def test_the_anchored_threshold_holds_from_the_first_update_and_travels_with_the
     held = [m.value for m in client.get_metric_history(run_id, "train/u_threshold")]
     assert len(held) >= 2 and max(held) == pytest.approx(min(held), rel=1e-6)  # refits do not move it
     checkpoint = torch.load(in_tmp / "runs/checkpoints" / run_id / "last.ckpt", weights_only=True)
-    assert checkpoint["state_dict"]["threshold_anchor"].item() == pytest.approx(held[-1], rel=1e-6)
+    assert checkpoint["state_dict"]["h_step.threshold_anchor"].item() == pytest.approx(held[-1], rel=1e-6)
+
+
+def test_an_mpdp_checkpoint_from_before_the_composed_agent_resumes_with_its_anchor_and_history(in_tmp):
+    """Format 1 (before algorithms/agent.py): the anchor was ``threshold_anchor`` on the module and
+    the horizon history beside the counters. Such a checkpoint resumes, its keys mapped."""
+    args = ("--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL, "--model.model_max_epochs", "2",
+            "--model.horizon", "3", "--model.threshold", "anchored")
+    main(fit_args("hopper", 150, *args, algo="mpdp"))
+    (ckpt,) = in_tmp.glob("runs/checkpoints/*/last.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    anchor = saved["state_dict"]["h_step.threshold_anchor"].item()
+    history = saved["counters"]["horizon_history"]
+    old = dict(saved, state_dict=dict(saved["state_dict"]), counters=dict(saved["counters"]))
+    old["state_dict"]["threshold_anchor"] = old["state_dict"].pop("h_step.threshold_anchor")
+    old["horizon_history"] = old["counters"].pop("horizon_history")
+    del old["format"], old["mpdp_version"]
+    torch.save(old, ckpt)
+    main(fit_args("hopper", 250, *args, "--ckpt_path", str(ckpt), algo="mpdp"))
+    resumed = torch.load(ckpt, weights_only=True)
+    assert resumed["format"] == 2 and resumed["counters"]["env_steps"] == 250
+    assert resumed["state_dict"]["h_step.threshold_anchor"].item() == pytest.approx(anchor, rel=1e-6)
+    assert set(history) < set(resumed["counters"]["horizon_history"])  # the old windows kept, new ones added
+
+
+def test_a_checkpoint_of_a_later_format_is_refused_in_one_line_naming_its_version(in_tmp, capsys):
+    main(fit_args("hopper", 150))
+    (ckpt,) = in_tmp.glob("runs/checkpoints/*/last.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    saved["format"], saved["mpdp_version"] = 3, "0.9.0"
+    torch.save(saved, ckpt)
+    before = ckpt.stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exit_:
+        main(fit_args("hopper", 250, "--ckpt_path", str(ckpt)))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: checkpoint ") and "written by mpdp-lightning 0.9.0 in checkpoint format 3" in err[0]
+    assert ckpt.stat().st_mtime_ns == before
 
 
 def test_mpdp_trains_under_bf16_mixed_precision_with_the_model_and_critics_in_fp32(in_tmp, monkeypatch):
@@ -285,17 +322,17 @@ def test_mpdp_trains_under_bf16_mixed_precision_with_the_model_and_critics_in_fp
 def test_mbpo_trains_on_its_rollouts_and_logs_them(in_tmp, monkeypatch):
     # a short MBPO run: the model is fitted every 100 env steps, each fit branches 2 rollouts per
     # env step from real states, and SAC's batches are half real, half model
-    from mpdp_lightning.algorithms.mbpo import MBPO
+    from mpdp_lightning.algorithms.parts.model_rollouts import BranchedRollouts
 
     drawn_batches = []
-    draw = MBPO.draw_batch
+    draw = BranchedRollouts.mixed_batch
 
-    def recording_draw(self, batch):
-        result = draw(self, batch)
+    def recording_draw(self, agent, batch):
+        result = draw(self, agent, batch)
         drawn_batches.append((result.batch_size[0], len(self.model_replay) if self.model_replay else 0))
         return result
 
-    monkeypatch.setattr(MBPO, "draw_batch", recording_draw)
+    monkeypatch.setattr(BranchedRollouts, "mixed_batch", recording_draw)
     main(fit_args(
         "hopper", 300, "--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL, "--model.model_max_epochs", "2",
         "--model.rollout_batch_size", "200", "--model.real_ratio", "0.5", "--model.rollout_schedule", "[0, 1, 1, 3]",
@@ -357,17 +394,17 @@ def test_coplanners_published_preset_runs_as_shipped(in_tmp, monkeypatch):
     # conf/preset/mbpo/coplanner.yaml at tiny shapes: half real batches, a fixed temperature of
     # 0.2, the warm-up acting with the untrained policy, the model replay holding the latest fit's
     # rollouts only, COPlanner's planner on
-    from mpdp_lightning.algorithms.sac import SAC
+    from mpdp_lightning.algorithms.agent import Agent
 
     acted = []
-    act = SAC.act_on_host
+    act = Agent.act_on_host
 
     def recording_act(self, obs, *args, **kwargs):
         if kwargs.get("explore"):  # the training environment's actions, not evaluation's
             acted.append(self.env_steps)
         return act(self, obs, *args, **kwargs)
 
-    monkeypatch.setattr(SAC, "act_on_host", recording_act)
+    monkeypatch.setattr(Agent, "act_on_host", recording_act)
     main(fit_args("hopper", 300, "--config", str(ROOT / "conf/preset/mbpo/coplanner.yaml"), *TINY_WORLD_MODEL,
                   "--model.model_max_epochs", "2", "--env_interaction.warmup_steps", "100",
                   "--env_interaction.updates_per_env_step", "1", "--model.rollout_batch_size", "200",
@@ -386,11 +423,11 @@ def test_coplanners_published_preset_runs_as_shipped(in_tmp, monkeypatch):
 def test_coplanner_plans_rollouts_conservatively_and_real_actions_optimistically_never_evaluation(in_tmp, monkeypatch):
     # MBPO with COPlanner: every rollout step is planned with the penalty (outside any acting),
     # every training action after the first fit with the bonus; evaluation acts with pi_0 alone
-    from mpdp_lightning.algorithms.sac import SAC
+    from mpdp_lightning.algorithms.agent import Agent
     from mpdp_lightning.planners.up_mpc import UPMPC
 
     calls, acting = [], []
-    plan, act_on_host = UPMPC.plan, SAC.act_on_host
+    plan, act_on_host = UPMPC.plan, Agent.act_on_host
 
     def recording_plan(self, model, policy, obs):
         calls.append((self.rate, obs.shape[0], acting[-1] if acting else None))
@@ -404,7 +441,7 @@ def test_coplanner_plans_rollouts_conservatively_and_real_actions_optimistically
             acting.pop()
 
     monkeypatch.setattr(UPMPC, "plan", recording_plan)
-    monkeypatch.setattr(SAC, "act_on_host", recording_act)
+    monkeypatch.setattr(Agent, "act_on_host", recording_act)
     main(fit_args(
         "hopper", 250, "--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL, "--model.model_max_epochs", "2",
         "--model.rollout_batch_size", "200", "--model.rollout_schedule", "[0, 1, 2, 2]",

@@ -19,7 +19,7 @@ def test_the_buffer_keeps_the_newest_transitions_and_drops_extra_keys():
     replay.add(_transitions(0, 4))
     replay.add(_transitions(4, 4))
     assert len(replay) == 5
-    batch = replay.sample(200)
+    batch = replay.sample_batch(200)
     assert set(batch["reward"].tolist()) == {3.0, 4.0, 5.0, 6.0, 7.0} and "u" not in batch.keys()
 
 
@@ -27,10 +27,10 @@ def test_resizing_keeps_the_newest_that_fit():
     replay = ModelReplay(capacity=6)
     replay.add(_transitions(0, 9))  # holds 3..8, written circularly
     replay.resize(4)
-    assert len(replay) == 4 and set(replay.sample(200)["reward"].tolist()) == {5.0, 6.0, 7.0, 8.0}
+    assert len(replay) == 4 and set(replay.sample_batch(200)["reward"].tolist()) == {5.0, 6.0, 7.0, 8.0}
     replay.resize(10)
     replay.add(_transitions(100, 3))
-    assert len(replay) == 7 and set(replay.sample(400)["reward"].tolist()) == {5.0, 6.0, 7.0, 8.0, 100.0, 101.0, 102.0}
+    assert len(replay) == 7 and set(replay.sample_batch(400)["reward"].tolist()) == {5.0, 6.0, 7.0, 8.0, 100.0, 101.0, 102.0}
 
 
 @pytest.mark.parametrize("batch,ratio,split", [(256, 0.05, (12, 244)), (256, 0.0, (0, 256)), (100, 1.0, (100, 0))])

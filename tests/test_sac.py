@@ -8,6 +8,7 @@ from tensordict import TensorDict
 from torch.distributions import AffineTransform, Normal, TanhTransform, TransformedDistribution
 
 from mpdp_lightning.models.policy import SquashedGaussianHeads, Temperature, TwinQ
+from mpdp_lightning.algorithms.parts.improvement import one_step_improvement
 from mpdp_lightning.algorithms.sac import SAC
 from mpdp_lightning.objectives.sac_losses import actor_loss, critic_loss, temperature_loss
 
@@ -87,8 +88,7 @@ def _module_without_trainer(**kwargs):
     """A SAC module whose phases run with plain optimizers, outside a Trainer."""
     module = SAC("inverted_pendulum", hidden=16, layers=2, **kwargs)
     optimizers = module.configure_optimizers()
-    module.optimizers = lambda: optimizers
-    module.manual_backward = lambda loss: loss.backward()
+    module.optimizers = lambda use_pl_optimizer=True: optimizers
     return module
 
 
@@ -103,7 +103,7 @@ def _changed(before, module):
 def test_critic_phase_moves_only_the_critic_and_polyak_moves_the_target():
     module = _module_without_trainer()
     before, target_before = _snapshot(module), _snapshot(module.critic_target)
-    module.update_critic(_batch())
+    module.critic_step(_batch())
     changed = _changed(before, module)
     assert any(name.startswith("critic.") for name in changed)
     assert all(name.startswith(("critic.", "critic_target.")) for name in changed)
@@ -115,17 +115,17 @@ def test_critic_phase_moves_only_the_critic_and_polyak_moves_the_target():
 def test_actor_phase_moves_no_critic_weight():
     module = _module_without_trainer(auto_alpha=True)
     before = _snapshot(module)
-    _, log_prob = module.improve_policy(_batch())
+    _, log_prob = one_step_improvement(module, _batch())
     changed = _changed(before, module)
     assert changed and all(name.startswith("actor.") for name in changed)
-    module.update_temperature(log_prob)
+    module.temperature_step(log_prob)
     assert _changed(before, module) - changed == {"temperature.log_alpha"}
 
 
 def test_fixed_alpha_is_not_trained():
     module = _module_without_trainer(alpha=0.2, auto_alpha=False)
     assert len(module.configure_optimizers()) == 2
-    module.update_temperature(torch.zeros(B))
+    module.temperature_step(torch.zeros(B))
     assert math.isclose(module.temperature.alpha.item(), 0.2, rel_tol=1e-6)
 
 

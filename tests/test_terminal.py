@@ -59,7 +59,7 @@ def test_progress_bar_renders_in_a_terminal(in_tmp):
     assert code == 0, screen
     lines = [line for line in screen.replace("\r\n", "\n").split("\n") if line.strip()]
     # a quiet start: the first line names the run, where it logs and where it checkpoints
-    assert lines[0].startswith("SAC on inverted_pendulum, seed 0, cpu · logs: MLflow run ")
+    assert lines[0].startswith("SAC on inverted_pendulum, seed 0, cpu (eager, 32-true) · logs: MLflow run ")
     assert "checkpoints: runs/checkpoints/" in lines[0]
     assert not [line for line in lines if any(noise in line for noise in NOISE)]
     # the bar is redrawn in place (carriage returns), from the warm-up's end to the budget

@@ -1,32 +1,24 @@
 """The update a CUDA graph captures, checked on any machine: it never waits on the host (the
-NoHostSync stand-in for CUDA's sync debug mode), and taking its backward passes and optimizer
-steps directly from torch, as the captured update does, changes nothing against Lightning's
-wrappers. test_cuda.py checks the capture itself wherever CUDA is present."""
+NoHostSync stand-in for CUDA's sync debug mode), it steps its optimizers one way (torch's, never
+Lightning's wrappers), and the execution plan is resolved once, named in the first line and
+logged. test_cuda.py checks the capture itself wherever CUDA is present."""
 
 import pytest
 import torch
 
 from helpers import TINY_MODEL, fit_args
 from host_sync import HostSyncError, NoHostSync
+from mpdp_lightning.algorithms.agent import Agent
+from mpdp_lightning.algorithms.execution import cuda_graph_problem, resolve_plan
 from mpdp_lightning.algorithms.sac import SAC
 from mpdp_lightning.cli import main
+from mpdp_lightning.errors import MPDPError
 from mpdp_lightning.training.cuda_graph import CaptureError, update_context
 
 TINY_MPDP = (*TINY_MODEL, "--model.horizon", "3")
 # the CUDA configuration: rows masked, not compacted; the anchored rule and the heads' clip too
 CUDA_LIKE_MPDP = (*TINY_MPDP, "--model.compact_rows", "false", "--model.threshold", "anchored",
                   "--model.head_grad_clip", "1.0")
-
-
-def _direct_steps(monkeypatch):
-    """Runs take their steps as a captured update does (on the CPU, without the capture)."""
-    setup = SAC.setup
-
-    def direct_setup(self, stage):
-        setup(self, stage)
-        self._direct_steps = True
-
-    monkeypatch.setattr(SAC, "setup", direct_setup)
 
 
 def test_no_host_sync_catches_what_would_wait_for_a_gpu():
@@ -42,8 +34,7 @@ def test_no_host_sync_catches_what_would_wait_for_a_gpu():
 def test_the_update_never_waits_on_the_host(in_tmp, monkeypatch, algo):
     # every update after the first two runs under NoHostSync: critic, policy improvement,
     # temperature, their optimizer steps, the NaN guard and the metrics
-    _direct_steps(monkeypatch)
-    update = SAC.update
+    update = Agent.update
     strict = []
 
     def strict_update(self, batch):
@@ -54,27 +45,31 @@ def test_the_update_never_waits_on_the_host(in_tmp, monkeypatch, algo):
         strict.append(self.updates)
         return metrics
 
-    monkeypatch.setattr(SAC, "update", strict_update)
+    monkeypatch.setattr(Agent, "update", strict_update)
     extra = {"sac": (), "mpdp": CUDA_LIKE_MPDP, "mbpo": TINY_MODEL}
     main(fit_args("hopper", 200, *extra[algo], algo=algo))
     assert len(strict) >= 90
 
 
-@pytest.mark.parametrize("algo", ["sac", "mpdp"])
-def test_direct_steps_train_exactly_as_lightnings(in_tmp, monkeypatch, algo):
-    """The same seed, with and without Lightning's manual_backward and optimizer wrappers: the
-    same weights, bit for bit (32-bit precision, where the wrappers add no maths)."""
-    extra = {"sac": (), "mpdp": CUDA_LIKE_MPDP}[algo]
-    for direct in (False, True):
-        if direct:
-            _direct_steps(monkeypatch)
-        save = f'--trainer.callbacks+={{"class_path": "helpers.SaveWeightsAtEnd", "init_args": {{"path": "{in_tmp}/{direct}.pt"}}}}'
-        main(fit_args("hopper", 150, "--seed_everything", "3", "--trainer.default_root_dir", f"run-{direct}", save,
-                      *extra, algo=algo))
-    plain, direct = torch.load(in_tmp / "False.pt"), torch.load(in_tmp / "True.pt")
-    assert plain.keys() == direct.keys() and plain
-    for name in plain:
-        assert torch.equal(plain[name], direct[name]), name
+@pytest.mark.parametrize("algo", ["sac", "mpdp", "mbpo"])
+def test_every_optimizer_steps_one_way_torchs_own(in_tmp, monkeypatch, algo):
+    """Eager or captured, every phase's optimizer steps through torch directly: Lightning's
+    optimizer wrapper and manual_backward, which a CUDA graph would run only once, at capture,
+    are never called; ``updates`` counts the updates (Lightning's global_step does not)."""
+    from lightning.pytorch.core.module import LightningModule
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a step went through Lightning's wrappers")
+
+    monkeypatch.setattr(LightningOptimizer, "step", refused)
+    monkeypatch.setattr(LightningModule, "manual_backward", refused)
+    steps = []
+    adam_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: steps.append(1) or adam_step(self, *a, **k))
+    extra = {"sac": (), "mpdp": TINY_MPDP, "mbpo": TINY_MODEL}[algo]
+    main(fit_args("hopper", 150, *extra, algo=algo))
+    assert len(steps) >= 50 * 2  # 50 updates or more after the warm-up, each at least the critic's and the actor's
 
 
 def test_a_resumed_run_sets_its_optimizers_capturable_flag_for_its_own_device(in_tmp):
@@ -96,7 +91,7 @@ def test_a_resumed_run_sets_its_optimizers_capturable_flag_for_its_own_device(in
 def test_a_failed_capture_warns_and_the_run_goes_on_eagerly(in_tmp, monkeypatch):
     """With --model.cuda_graph left to its default, a capture that fails (stood in for here:
     no CUDA) costs a warning, not the run: the update it was for runs eagerly, as all after it."""
-    setup, calls = SAC.setup, []
+    setup, calls = Agent.setup, []
 
     class FailingCapture:
         def __init__(self, update):
@@ -110,32 +105,69 @@ def test_a_failed_capture_warns_and_the_run_goes_on_eagerly(in_tmp, monkeypatch)
 
     def capturing_setup(self, stage):
         setup(self, stage)
-        self.captured_update, self._direct_steps = FailingCapture(self.update), True
+        self.captured_update = FailingCapture(self.update)
 
-    monkeypatch.setattr(SAC, "setup", capturing_setup)
-    updates = SAC.update
+    monkeypatch.setattr(Agent, "setup", capturing_setup)
+    updates = Agent.update
     eager = []
-    monkeypatch.setattr(SAC, "update", lambda self, batch: eager.append(self._direct_steps) or updates(self, batch))
+    monkeypatch.setattr(Agent, "update", lambda self, batch: eager.append(self.captured_update is not None)
+                        or updates(self, batch))
     with pytest.warns(UserWarning, match="could not be captured as a CUDA graph .*operation not permitted"):
         main(fit_args("hopper", 200))
     assert calls == [0, 1]  # one warm-up, one failed capture, then never again
     # 100 updates (env steps 101-200): the warm-up's, then the failed capture's and all later
-    # ones eagerly, with Lightning's steps again
+    # ones eagerly
     assert eager == [True] + [False] * 99
 
 
 def test_what_cannot_be_captured_is_named():
-    from mpdp_lightning.algorithms.mpdp import MPDP
+    cuda = torch.device("cuda", 0)
+    assert cuda_graph_problem(cuda, "32-true") is None
+    assert cuda_graph_problem(cuda, "bf16-mixed") is None
+    assert "a CUDA graph needs a CUDA device, and this run's is cpu" in cuda_graph_problem(torch.device("cpu"), "32-true")
+    assert "precision 16-mixed scales the loss" in cuda_graph_problem(cuda, "16-mixed")
+    assert "compact_rows true counts the live rows on the host" in cuda_graph_problem(cuda, "32-true", compact_rows=True)
 
-    sac, cuda = SAC("inverted_pendulum", hidden=16), torch.device("cuda", 0)
-    assert sac.cuda_graph_problem(cuda, "32-true") is None
-    assert sac.cuda_graph_problem(cuda, "bf16-mixed") is None
-    assert "a CUDA graph needs a CUDA device, and this run's is cpu" in sac.cuda_graph_problem(torch.device("cpu"), "32-true")
-    assert "precision 16-mixed scales the loss" in sac.cuda_graph_problem(cuda, "16-mixed")
-    mpdp = dict(hidden=16, ensemble_size=2, num_elites=1, model_hidden=16, model_layers=1, horizon=2)
-    assert MPDP("inverted_pendulum", **mpdp).cuda_graph_problem(cuda, "32-true") is None
-    assert "compact_rows true counts the live rows on the host" in MPDP(
-        "inverted_pendulum", compact_rows=True, **mpdp).cuda_graph_problem(cuda, "32-true")
+
+def test_the_execution_plan_is_the_devices_unless_an_option_says_otherwise():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    plan = resolve_plan(cpu, "32-true", None, None, None, has_compiled_parts=True, imagines=True)
+    assert (plan.cuda_graph, plan.compiled, plan.compact_rows, plan.tf32) == (False, False, True, False)
+    assert plan.describe() == "eager, compacted rows, 32-true"
+    plan = resolve_plan(cuda, "bf16-mixed", None, None, None, has_compiled_parts=True, imagines=True)
+    assert (plan.cuda_graph, plan.compiled, plan.compact_rows, plan.tf32) == (True, True, False, True)
+    assert plan.describe() == "captured, compiled, masked rows, bf16-mixed, TF32"
+    assert plan.params()["plan.cuda_graph"] == "true" and "plan.compact_rows" in plan.params()
+    sac = resolve_plan(cuda, "32-true", None, None, False, has_compiled_parts=False)
+    assert (sac.compiled, sac.compact_rows, sac.tf32) == (False, None, False) and "plan.compact_rows" not in sac.params()
+    # compacted rows on CUDA: no graph by default, an error when one is asked for
+    assert not resolve_plan(cuda, "32-true", None, None, None, True, compact_rows=True, imagines=True).cuda_graph
+    with pytest.raises(MPDPError, match="^model.cuda_graph: model.compact_rows true counts"):
+        resolve_plan(cuda, "32-true", True, None, None, True, compact_rows=True, imagines=True)
+    with pytest.raises(MPDPError, match="^model.cuda_graph: a CUDA graph needs a CUDA device"):
+        resolve_plan(cpu, "32-true", True, None, None, False)
+    with pytest.raises(MPDPError, match="^trainer.precision: precision 16-mixed needs a loss scaler"):
+        resolve_plan(cuda, "16-mixed", None, None, None, False)
+
+
+def test_a_run_names_its_execution_plan_in_its_first_line_and_logs_it(in_tmp, capsys):
+    from mlflow import MlflowClient
+
+    main(fit_args("hopper", 150, *TINY_MPDP, algo="mpdp"))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "cpu (eager, compacted rows, 32-true)" in first, first
+    (run,) = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}").search_runs(["1"])
+    params = run.data.params
+    assert (params["plan.device"], params["plan.cuda_graph"], params["plan.compiled"], params["plan.compact_rows"]) == (
+        "cpu", "false", "false", "true")
+
+
+def test_a_contradictory_plan_is_one_error_line_before_any_work(in_tmp, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(fit_args("hopper", 150, "--model.cuda_graph", "true"))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: model.cuda_graph: a CUDA graph needs a CUDA device")
+    assert list(in_tmp.iterdir()) == []
 
 
 def test_warm_up_and_capture_share_the_state_compiled_code_is_guarded_on():
@@ -162,7 +194,7 @@ class SimulatedUnsupported(torch._dynamo.exc.TorchDynamoException):
 def _failing_compiler(monkeypatch, part="the imagined step"):
     """The compiled parts are on by default here (as on CUDA), and the compiler fails on ``part``
     (the other one runs eagerly, to keep the test short)."""
-    from mpdp_lightning.algorithms import model_based
+    from mpdp_lightning.algorithms import execution
     from mpdp_lightning.models import world_model
     from mpdp_lightning.objectives import h_step_improvement
 
@@ -174,7 +206,7 @@ def _failing_compiler(monkeypatch, part="the imagined step"):
             raise SimulatedUnsupported("UserDefinedObjectVariable(PositiveInt) is not supported")
         return compiled
 
-    monkeypatch.setattr(model_based, "compile_pays", lambda device: True)
+    monkeypatch.setattr(execution, "compile_pays", lambda device: True)
     imagined = failing if part == "the imagined step" else (lambda: h_step_improvement.imagine_step)
     for compiled in ("compiled_imagine_step", "compiled_masked_step"):  # compacted rows, masked rows
         monkeypatch.setattr(h_step_improvement, compiled, imagined)
@@ -187,10 +219,11 @@ def test_a_failed_compile_warns_once_and_the_run_goes_on_eagerly(in_tmp, monkeyp
     warning, not the run: that update and all after it imagine eagerly."""
     calls = _failing_compiler(monkeypatch)
     improvements = []
-    from mpdp_lightning.algorithms.mpdp import MPDP
+    from mpdp_lightning.algorithms.parts.improvement import HStepImprovement
 
-    improve = MPDP.improve_policy
-    monkeypatch.setattr(MPDP, "improve_policy", lambda self, batch: improvements.append(1) or improve(self, batch))
+    improve = HStepImprovement.improve
+    monkeypatch.setattr(HStepImprovement, "improve", lambda self, agent, batch: improvements.append(1)
+                        or improve(self, agent, batch))
     with pytest.warns(UserWarning, match=r"could not be compiled \(SimulatedUnsupported: .*PositiveInt") as warned:
         main(fit_args("hopper", 200, *TINY_MPDP, algo="mpdp"))
     assert len([w for w in warned if "could not be compiled" in str(w.message)]) == 1

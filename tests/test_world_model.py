@@ -140,7 +140,7 @@ def test_model_phase_state_round_trips_through_the_checkpoint():
         wm.input_norm.fit(torch.randn(20, 14) * 2 + 3)
         wm.target_norm.fit(torch.randn(20, 12) * 5)
         wm.elites.copy_(torch.tensor([2, 0]))
-    module.model_trained_at, module.model_fits, module.env_steps = 750, 3, 760
+    module.model_phase.trained_at, module.model_phase.fits, module.env_steps = 750, 3, 760
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     checkpoint = torch.load(_roundtrip(checkpoint), weights_only=True)
@@ -151,7 +151,7 @@ def test_model_phase_state_round_trips_through_the_checkpoint():
     for (name, a), (_, b) in zip(module.state_dict().items(), restored.state_dict().items()):
         assert torch.equal(a, b), name
     assert restored.world_model.elites.tolist() == [2, 0]
-    assert (restored.model_trained_at, restored.model_fits, restored.env_steps) == (750, 3, 760)
+    assert (restored.model_phase.trained_at, restored.model_phase.fits, restored.env_steps) == (750, 3, 760)
 
 
 def _roundtrip(obj):

@@ -34,11 +34,12 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException  # n
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
+from mpdp_lightning.algorithms.model_based import ModelBasedAgent  # noqa: E402
+from mpdp_lightning.planners.coplanner import COPlanner  # noqa: E402
 from mpdp_lightning.training.callbacks import (  # noqa: E402
-    COPlanner, EnvInteraction, EnvStepCheckpoint, EnvStepProgressBar, Evaluation, EvaluationVideo,
+    EnvInteraction, EnvStepCheckpoint, EnvStepProgressBar, Evaluation, EvaluationVideo,
 )
 from mpdp_lightning.training.callbacks.checkpointing import LAST, default_checkpoint_dir  # noqa: E402
-from mpdp_lightning.training.callbacks.coplanner import plans_with_a_model  # noqa: E402
 from mpdp_lightning.training.callbacks.progress import find_callback  # noqa: E402
 from mpdp_lightning.training.checkpoint_io import read_checkpoint_header  # noqa: E402
 from mpdp_lightning.training.data import ReplayDataModule  # noqa: E402
@@ -46,7 +47,7 @@ from mpdp_lightning.errors import MPDPError, RunInterrupted, describe_parser_err
 from mpdp_lightning.preflight import check_tracking_uri, check_writable_folder  # noqa: E402
 from mpdp_lightning.console import Outcome, RunClock, mlflow_loggers, start_line, summary  # noqa: E402
 from mpdp_lightning.envs.tasks import TASKS, get_task  # noqa: E402
-from mpdp_lightning.experiments.tracking import log_run_config  # noqa: E402
+from mpdp_lightning.training.tracking import log_run_config  # noqa: E402
 
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates: noise, not the user's problem.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -104,7 +105,7 @@ class MPDPCLI(LightningCLI):
         parser.add_lightning_class_args(EnvStepCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EnvStepProgressBar, "progress_bar")
         parser.add_lightning_class_args(EvaluationVideo, "video")
-        parser.add_lightning_class_args(COPlanner, "coplanner")
+        parser.add_class_arguments(COPlanner, "coplanner")  # an option of MBPO and MPDP (use_coplanner)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         try:
@@ -158,7 +159,7 @@ class MPDPCLI(LightningCLI):
         get_task(config.task)  # one-line error listing the known tasks
         if config.coplanner.enabled:
             module, _, name = str(config.model.class_path).rpartition(".")
-            if not plans_with_a_model(getattr(import_module(module), name)):
+            if not issubclass(getattr(import_module(module), name), ModelBasedAgent):
                 raise MPDPError(f"coplanner.enabled: COPlanner plans with a world model, which {name} has not; "
                                 f"use an algorithm with one (mbpo, mpdp)")
         interaction = config.env_interaction
@@ -191,11 +192,11 @@ class MPDPCLI(LightningCLI):
         finally:
             if deferred:
                 config.trainer.logger = logger_config
-        graph_problem = getattr(self.model, "cuda_graph_problem", None)
-        if graph_problem is not None and self.model.hparams.get("cuda_graph"):
-            problem = graph_problem(self.trainer.strategy.root_device, self.trainer.precision)
-            if problem:
-                raise MPDPError(f"model.cuda_graph: {problem}")
+        # how the update runs, resolved once (a contradiction is an error line before any work)
+        self.model.execution_plan(self.trainer.strategy.root_device, self.trainer.precision)
+        coplanner = self.config_init[self.subcommand].get("coplanner")
+        if coplanner is not None and coplanner.enabled:  # checked above: the model has a world model
+            self.model.use_coplanner(coplanner)
         checkpoint = find_callback(self.trainer, EnvStepCheckpoint)
         if checkpoint is not None:
             folder = checkpoint.dirpath or Path(self.trainer.default_root_dir) / "checkpoints"
@@ -210,12 +211,13 @@ class MPDPCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config["fit"]
-        log_run_config(self.trainer, self._parser("fit"), config, resumed=bool(config.get("ckpt_path")))
+        log_run_config(self.trainer, self._parser("fit"), config, resumed=bool(config.get("ckpt_path")),
+                       plan=self.model.plan)
         checkpoint = find_callback(self.trainer, EnvStepCheckpoint)
         path = None
         if checkpoint is not None:
             path = (checkpoint.dirpath or default_checkpoint_dir(self.trainer)) / LAST
-        print(start_line(self.trainer, config.as_dict(), path, self.resumed_from), flush=True)
+        print(start_line(self.trainer, config.as_dict(), path, self.resumed_from, self.model.plan), flush=True)
 
     def fit(self, model: pl.LightningModule, **kwargs: Any) -> None:
         """``trainer.fit`` that tells a finished run from an interrupted one: the summary, the MLflow

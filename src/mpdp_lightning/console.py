@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import MLFlowLogger
@@ -19,7 +19,7 @@ from mpdp_lightning.training.callbacks.checkpointing import EnvStepCheckpoint
 from mpdp_lightning.training.callbacks.env_interaction import EnvInteraction
 from mpdp_lightning.training.callbacks.evaluation import Evaluation
 from mpdp_lightning.training.callbacks.progress import find_callback, format_duration
-from mpdp_lightning.experiments.tracking import algo_name
+from mpdp_lightning.training.tracking import algo_name
 
 # The store `make ui` serves (the Makefile's ui target)
 PROJECT_STORE = "sqlite:///mlflow.db"
@@ -85,8 +85,10 @@ def where_it_logs(logger: MLFlowLogger) -> str:
     return f"MLflow run {logger.run_id} (experiment '{logger._experiment_name}', {uri}); open it with {how}"
 
 
-def start_line(trainer: pl.Trainer, config: dict, checkpoint: Optional[Path], resumed_from: Optional[int]) -> str:
-    """One line naming the run, where it logs and where it checkpoints."""
+def start_line(trainer: pl.Trainer, config: dict, checkpoint: Optional[Path], resumed_from: Optional[int],
+               plan: Optional[Any] = None) -> str:
+    """One line naming the run, how its update runs (the execution plan), where it logs and where
+    it checkpoints."""
     algo = algo_name(config)
     preset = f", {config['preset']} preset" if config.get("preset") else ""
     resumed = f", resumed at env step {resumed_from}" if resumed_from is not None else ""
@@ -94,6 +96,8 @@ def start_line(trainer: pl.Trainer, config: dict, checkpoint: Optional[Path], re
     logs = f"MLflow run {loggers[0].run_id} in {loggers[0]._tracking_uri}" if loggers else "no MLflow logger"
     where = shown_path(checkpoint) if checkpoint is not None else "none"
     device = trainer.strategy.root_device.type
+    if plan is not None:
+        device = f"{device} ({plan.describe()})"
     return (
         f"{algo} on {config.get('task')}{preset}, seed {config.get('seed_everything')}, {device}{resumed} · "
         f"logs: {logs} · checkpoints: {where}"

@@ -1,3 +1,3 @@
-"""The algorithms, each a LightningModule on the same parts: SAC (model-free), ModelBasedSAC (SAC
-plus the world model as a phase), MBPO (SAC on branched model rollouts) and MPDP (H actor heads
-trained through the world model)."""
+"""The algorithms, each the one agent (agent.py) assembled from its parts (parts/): SAC
+(model-free), ModelBasedSAC (SAC that fits the world model without using it), MBPO and MPDP.
+How the update runs on a device is the execution plan (execution.py)."""

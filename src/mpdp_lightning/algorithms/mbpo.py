@@ -1,11 +1,11 @@
 """MBPO (Janner et al. 2019): SAC trained mostly on short model rollouts branched from real states.
 
-Per update: the model phase when due (ModelBasedSAC), followed by a fresh set of branched
-rollouts (``rollout_batch_size`` start states per fit drawn from the real buffer, whatever the
-fit interval, the current policy acting, the rollout length from the task's schedule) into the
-model replay, which keeps the rollouts of the last ``retain_epochs`` epochs; then SAC's update on
-a batch of ``real_ratio`` real and the rest model transitions. Only the policy improvement's data
-differs from SAC: the losses, nets and temperature are SAC's.
+The agent's parts (algorithms/agent.py): the model phase (the ensemble fit, when due), MBPO's
+rollouts (algorithms/parts/model_rollouts.py ``BranchedRollouts``: right after each fit,
+``rollout_batch_size`` start states from the real buffer, whatever the fit interval, branched
+with the current policy for the schedule's length into the model replay, which keeps the
+rollouts of the last ``retain_epochs`` epochs; each batch ``real_ratio`` real, the rest model),
+and SAC's one-step improvement: only the data differs from SAC.
 
 Where each setting comes from (checked against jannerm/mbpo, the original, and its PyTorch ports
 mbpo_pytorch and mbrl-lib): the per-task values are jannerm/mbpo's examples/config/<task>/0.py
@@ -19,20 +19,15 @@ improvement (models/world_model.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
-import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
-from tensordict import TensorDictBase
 
-from mpdp_lightning.planners.branched_rollouts import RolloutSchedule, branched_rollouts
-from mpdp_lightning.planners.up_mpc import Plan
-from mpdp_lightning.training.data import PendingBatch, drawn, uniform_sample
-from mpdp_lightning.training.metrics import log_metrics
-from mpdp_lightning.algorithms.model_based import ModelBasedSAC
-from mpdp_lightning.training.model_replay import ModelReplay, split_batch
+from mpdp_lightning.algorithms.model_based import ModelBasedAgent
+from mpdp_lightning.algorithms.parts.model_rollouts import BranchedRollouts
 from mpdp_lightning.envs.tasks import get_task
-from mpdp_lightning.training.callbacks.env_interaction import EnvInteraction
+from mpdp_lightning.planners.branched_rollouts import RolloutSchedule
+from mpdp_lightning.training.model_replay import split_batch
 
 
 @dataclass(frozen=True)
@@ -60,8 +55,8 @@ MBPO_TASKS = {
 }
 
 
-class MBPO(ModelBasedSAC):
-    """Model-Based Policy Optimization (see ModelBasedSAC and SAC for the other arguments).
+class MBPO(ModelBasedAgent):
+    """Model-Based Policy Optimization (see ModelBasedAgent and Agent for the other arguments).
 
     Args:
         rollout_batch_size: branched rollouts started right after each model fit (MBPO's 100k,
@@ -107,18 +102,15 @@ class MBPO(ModelBasedSAC):
         split_batch(1, real_ratio)  # a ratio outside [0, 1] fails here, before any net is built
         super().__init__(task, *args, target_entropy=entropy, model_train_every=train_every, **kwargs)
         epochs = settings.epoch_length if epoch_length is None else int(epoch_length)
-        self.schedule = RolloutSchedule(*(int(x) for x in schedule), epoch_length=epochs)
-        self.retain_epochs = float(settings.retain_epochs if retain_epochs is None else retain_epochs)
-        starts = settings.rollout_batch_size if rollout_batch_size is None else rollout_batch_size
+        retain = float(settings.retain_epochs if retain_epochs is None else retain_epochs)
+        starts = int(settings.rollout_batch_size if rollout_batch_size is None else rollout_batch_size)
         # the hyperparameters as resolved: the arguments' None would hide the task's values
         self.hparams.update(
-            rollout_batch_size=int(starts), rollout_schedule=[int(x) for x in schedule], epoch_length=epochs,
-            retain_epochs=self.retain_epochs, target_entropy=float(entropy), model_train_every=int(train_every),
+            rollout_batch_size=starts, rollout_schedule=[int(x) for x in schedule], epoch_length=epochs,
+            retain_epochs=retain, target_entropy=float(entropy), model_train_every=int(train_every),
         )
-        self.model_replay: Optional[ModelReplay] = None
-        # env steps before epoch 0 of the schedule: the run's warm-up, taken when it starts (and
-        # kept in its checkpoints, so that a resumed run keeps its schedule)
-        self.schedule_start: Optional[int] = None
+        self.rollouts = BranchedRollouts(RolloutSchedule(*(int(x) for x in schedule), epoch_length=epochs), starts,
+                                        int(train_every), retain, real_ratio)
 
     @classmethod
     def default_warmup_steps_for(cls, task: str) -> int:
@@ -130,95 +122,3 @@ class MBPO(ModelBasedSAC):
         """MBPO's updates per env step for the task (20; halfcheetah 40, inverted_pendulum 10)."""
         settings = MBPO_TASKS.get(self.task)
         return MBPOTaskSettings.updates_per_env_step if settings is None else settings.updates_per_env_step
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        # The schedule's epoch 0 starts after the initial exploration, as in MBPO's code
-        if self.schedule_start is None:
-            interaction = next((cb for cb in self.trainer.callbacks if isinstance(cb, EnvInteraction)), None)
-            self.schedule_start = int(interaction.warmup_steps) if interaction is not None else 0
-
-    def rollout_length(self) -> int:
-        """The schedule's length now: its epoch counts env steps after the warm-up."""
-        return self.schedule.length(max(self.env_steps - (self.schedule_start or 0), 0))
-
-    # ---- rollouts ------------------------------------------------------------------------------
-    def train_world_model(self) -> dict[str, float]:
-        metrics = super().train_world_model()
-        metrics.update(self.refresh_rollouts())
-        return metrics
-
-    def model_replay_capacity(self, length: int) -> int:
-        """MBPO's model pool: rollout_batch_size x length x fits per epoch x retained epochs (at
-        least the latest fit's rollouts)."""
-        starts = self.hparams.rollout_batch_size
-        fits_per_epoch = self.schedule.epoch_length / self.hparams.model_train_every
-        return max(int(starts * length * fits_per_epoch * self.retain_epochs), starts * length)
-
-    def refresh_rollouts(self) -> dict[str, float]:
-        """Branch a new set of rollouts from real states with the current policy into the model
-        replay (resized for the current rollout length); log mbpo/* against env steps."""
-        hp = self.hparams
-        length = self.rollout_length()
-        starts = hp.rollout_batch_size
-        capacity = self.model_replay_capacity(length)
-        if self.model_replay is None:
-            self.model_replay = ModelReplay(capacity, self.device)
-        self.model_replay.resize(capacity)
-        real = uniform_sample(self.trainer.datamodule.buffer, starts)
-        plans: list[Plan] = []
-        rollouts = branched_rollouts(self.world_model, self.rollout_action(plans), real["obs"], length)
-        self.model_replay.add(rollouts)
-        metrics = {
-            "mbpo/rollout_length": float(length),
-            "mbpo/rollout_transitions": float(rollouts.numel()),
-            "mbpo/model_buffer_size": float(len(self.model_replay)),
-            "mbpo/rollout_u_mean": rollouts["u"].mean().item(),
-            "mbpo/rollout_terminated": rollouts["terminated"].float().mean().item(),
-        }
-        if plans:  # COPlanner: how uncertain the chosen actions were, against all candidates
-            metrics["coplanner/rollout_u_chosen"] = torch.cat([p.chosen_uncertainty for p in plans]).mean().item()
-            metrics["coplanner/rollout_u_candidates"] = torch.cat([p.candidate_uncertainty for p in plans]).mean().item()
-        log_metrics(self.trainer, metrics, step=self.env_steps)
-        return metrics
-
-    def rollout_action(self, plans: list[Plan]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The rollouts' actor: pi_0's sample, or with a rollout planner (COPlanner) UP-MPC's
-        conservative choice at every step, each step's plan appended to ``plans``."""
-        planner = self.rollout_planner
-        if planner is None:
-            return self.actor.act
-
-        def act(obs: torch.Tensor) -> torch.Tensor:
-            plans.append(planner.plan(self.world_model, self.planning_action, obs))
-            return plans[-1].action
-
-        return act
-
-    # ---- the batch (the model replay is not checkpointed: it is branched again after a resume) ---
-    def draw_batch(self, batch: Union[PendingBatch, TensorDictBase]) -> TensorDictBase:
-        """``real_ratio`` real transitions and the rest from the model replay (all real until the
-        first rollouts exist)."""
-        if not isinstance(batch, PendingBatch) or self.model_replay is None or len(self.model_replay) == 0:
-            return drawn(batch)
-        n_real, n_model = split_batch(batch.batch_size, self.hparams.real_ratio)
-        parts = [uniform_sample(batch.buffer, n_real)] if n_real else []
-        if n_model:
-            parts.append(self.model_replay.sample(n_model))
-        return torch.cat(parts)
-
-    def training_step(self, batch: Union[PendingBatch, TensorDictBase], batch_idx: int) -> None:
-        # after a resume the model is restored but not its rollouts: branch them again first
-        if self.model_replay is None and self.model_trained_at is not None and not self.model_is_due():
-            self.refresh_rollouts()
-        super().training_step(batch, batch_idx)
-
-    # ---- checkpoint ----------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["counters"]["schedule_start"] = self.schedule_start
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        # a checkpoint from before the schedule counted from the warm-up counted from env step 0
-        self.schedule_start = int(checkpoint["counters"].get("schedule_start") or 0)

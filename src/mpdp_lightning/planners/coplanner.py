@@ -9,31 +9,21 @@ COPlanner is a plug-in for Dyna-style model-based RL: one planner, UP-MPC
   has been fitted, so that the agent collects the data the model lacks: MBPO and MPDP (whose
   imagination is its own H-step objective, not a rollout buffer).
 
-Evaluation never plans: it always acts with pi_0's mode. The callback attaches the planners to
-the module when the fit starts; the module logs ``coplanner/explore_u_chosen`` and
-``coplanner/explore_u_candidates`` (the discounted uncertainty U of the chosen action and the
+Evaluation never plans: it always acts with pi_0's mode. It is an option of the model-based
+algorithms (``ModelBasedAgent.use_coplanner``, which the CLI calls once, when it builds the run,
+after checking the algorithm has a world model); the agent logs ``coplanner/explore_u_chosen``
+and ``coplanner/explore_u_candidates`` (the discounted uncertainty U of the chosen action and the
 candidates' mean) with the train metrics, and ``coplanner/rollout_u_*`` at each rollout refresh.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import lightning.pytorch as pl
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
-from lightning.pytorch.callbacks import Callback
 
 from mpdp_lightning.planners.up_mpc import UPMPC
 
 
-def plans_with_a_model(module: Any) -> bool:
-    """Whether ``module`` (an instance or a class) has the world model COPlanner plans with."""
-    from mpdp_lightning.algorithms.model_based import ModelBasedSAC
-
-    return isinstance(module, ModelBasedSAC) or (isinstance(module, type) and issubclass(module, ModelBasedSAC))
-
-
-class COPlanner(Callback):
+class COPlanner:
     """COPlanner's conservative rollouts and optimistic exploration (off unless ``enabled``).
 
     Args:
@@ -68,11 +58,3 @@ class COPlanner(Callback):
         # built (and checked) now, whether enabled or not: a bad value fails before any work
         self.conservative = UPMPC(rate=-conservative_rate, **common) if conservative_rollouts else None
         self.optimistic = UPMPC(rate=optimistic_rate, **common) if optimistic_exploration else None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self.enabled:
-            return
-        if not plans_with_a_model(pl_module):
-            raise ValueError(f"COPlanner plans with a world model; {type(pl_module).__name__} has none (use mbpo or mpdp)")
-        pl_module.rollout_planner = self.conservative
-        pl_module.exploration_planner = self.optimistic

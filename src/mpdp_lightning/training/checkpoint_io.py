@@ -1,4 +1,5 @@
-"""Reading a checkpoint's header before any work: is it there, readable, and from this task?"""
+"""Reading a checkpoint's header before any work (is it there, readable, from this task and a
+layout this version reads?), and the mapping of older layouts onto this one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,40 @@ from typing import Optional
 import torch
 
 from mpdp_lightning.errors import CheckpointError
+
+# The layout of what the agent saves (``checkpoint["format"]``): 1 (no key) before the composed
+# agent, where MPDP's anchored threshold and horizon history sat on the module itself; 2 with the
+# parts (``h_step.threshold_anchor``, the history among the counters).
+CHECKPOINT_FORMAT = 2
+
+# state_dict keys of format 1 -> format 2
+RENAMED_KEYS = {"threshold_anchor": "h_step.threshold_anchor"}
+
+
+def upgrade_checkpoint(checkpoint: dict) -> dict:
+    """``checkpoint`` (in place) in this version's layout: a format-1 checkpoint's keys renamed
+    (``RENAMED_KEYS``), MPDP's horizon history moved among the counters and, from before the
+    anchored rule existed, its anchor unset (NaN). A later format than this version reads is one
+    error line naming the version that wrote it."""
+    check_format(checkpoint, "the checkpoint")
+    if checkpoint.get("format", 1) == 1:
+        state = checkpoint["state_dict"]
+        for old, new in RENAMED_KEYS.items():
+            if old in state:
+                state[new] = state.pop(old)
+        if "horizon" in checkpoint.get("hyper_parameters", {}):  # MPDP's
+            state.setdefault("h_step.threshold_anchor", torch.tensor(float("nan")))
+            checkpoint["counters"].setdefault("horizon_history", checkpoint.pop("horizon_history", {}))
+        checkpoint["format"] = CHECKPOINT_FORMAT
+    return checkpoint
+
+
+def check_format(checkpoint: dict, name: str) -> None:
+    written = checkpoint.get("format", 1)
+    if not isinstance(written, int) or written > CHECKPOINT_FORMAT:
+        version = checkpoint.get("mpdp_version", "a later version")
+        raise CheckpointError(f"{name} was written by mpdp-lightning {version} in checkpoint format {written}; this "
+                              f"version reads formats 1 to {CHECKPOINT_FORMAT}: resume it with the version that wrote it")
 
 
 @dataclass(frozen=True)
@@ -50,6 +85,7 @@ def read_checkpoint_header(path: str | Path, expected_task: Optional[str] = None
         counters, task = checkpoint["counters"], checkpoint["hyper_parameters"]["task"]
     except (KeyError, TypeError):
         raise CheckpointError(f"{path} is not an mpdp-lightning checkpoint (no counters or task)") from None
+    check_format(checkpoint, f"checkpoint {path}")
     if expected_task is not None and task != expected_task:
         raise CheckpointError(f"checkpoint {path} is for task {task!r}, not {expected_task!r}")
     return CheckpointHeader(

@@ -3,7 +3,7 @@
 
 Eager, an MPDP update at the paper's shapes issues about 6,400 kernels, and on a GPU its time is
 the time to launch them; a replay launches them all at once. What the captured function must be
-(``SAC.update`` is written so, and ``tests/host_sync.py`` checks the first two on any device):
+(``Agent.update``, algorithms/agent.py, is written so, and ``tests/host_sync.py`` checks the first two on any device):
 
 - device work only: no ``.item()``, no tensor read on the host, no shape that depends on data
   (MPDP's compacted rows are therefore refused with a graph);
@@ -53,7 +53,7 @@ class CapturedUpdate:
     """Call it as the update itself: ``metrics = captured(batch)``.
 
     The returned metrics are the graph's own output tensors: a replay overwrites them, so read or
-    copy them before the next call (``MetricAccumulator.add`` copies them).
+    copy them before the next call (``MetricAccumulator.accumulate`` copies them).
 
     Args:
         update: one whole update on a batch, returning detached scalar metrics.

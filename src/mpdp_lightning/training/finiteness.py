@@ -51,7 +51,7 @@ class NonFiniteGuard(nn.Module):
         self.update.fill_(update)
 
     @torch.no_grad()
-    def record(self, phase: str, loss: torch.Tensor, parameters: Iterable[torch.Tensor]) -> None:
+    def record_finiteness(self, phase: str, loss: torch.Tensor, parameters: Iterable[torch.Tensor]) -> None:
         loss = loss.detach().float()
         params = [p.detach() for p in parameters]
         params_finite = torch.isfinite(torch.nn.utils.get_total_norm(params)) if params else torch.ones((), dtype=torch.bool, device=loss.device)

@@ -24,7 +24,7 @@ class MetricAccumulator:
         self._sums: dict[tuple[str, ...], torch.Tensor] = {}
         self._counts: dict[tuple[str, ...], int] = {}
 
-    def add(self, values: Mapping[str, torch.Tensor]) -> None:
+    def accumulate(self, values: Mapping[str, torch.Tensor]) -> None:
         names = tuple(values)
         stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
         if names in self._sums:

@@ -48,7 +48,7 @@ class ModelReplay:
         """Append rollout transitions (extra keys such as u are dropped)."""
         self.buffer.extend(transitions.select(*TRANSITION_KEYS).to(self.device))
 
-    def sample(self, batch_size: int) -> TensorDictBase:
+    def sample_batch(self, batch_size: int) -> TensorDictBase:
         return uniform_sample(self.buffer, batch_size)
 
 

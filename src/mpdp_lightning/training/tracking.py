@@ -48,8 +48,9 @@ def algo_name(config: Mapping[str, Any]) -> str:
     return name + ("+COPlanner" if (config.get("coplanner") or {}).get("enabled") else "")
 
 
-def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool) -> None:
-    """Log the resolved ``config`` to every MLflow logger of ``trainer``.
+def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool, plan: Any = None) -> None:
+    """Log the resolved ``config`` to every MLflow logger of ``trainer``, with the execution
+    ``plan``'s choices as ``plan.*`` params (algorithms/execution.py).
 
     A resumed run keeps its params: new keys are added, and a value that differs from the
     original (MLflow params are immutable) is recorded as a ``resume_override.<key>`` tag.
@@ -61,6 +62,8 @@ def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool)
     params = {k: v for k, v in flatten(as_dict).items() if not k.startswith(NOT_PARAMS)}
     params["mpdp_version"] = mpdp_lightning.__version__
     params["git_commit"] = git_commit()
+    if plan is not None:
+        params.update(plan.params())
     yaml_text = parser.dump(config, skip_none=False)
     for logger in loggers:
         client, run_id = logger.experiment, logger.run_id

@@ -1,0 +1,417 @@
+"""The agent: the one LightningModule every algorithm is, assembled from parts.
+
+It holds the nets (pi_0..pi_{H-1} as ``actor``, twin ``critic`` and its Polyak target, the
+temperature, and for the model-based algorithms the ensemble ``world_model``) and the parts that
+say what differs between SAC, MBPO and MPDP (algorithms/sac.py, mbpo.py, mpdp.py set them):
+
+===================  =========================  ==============================================
+part                 None (SAC)                 set
+===================  =========================  ==============================================
+``model_phase``      no world model             MBPO, MPDP: the ensemble fit when due
+``rollouts``         real batches               MBPO: real + branched model rollouts
+``h_step``           one-step improvement       MPDP: the H-step objective into every head
+``explorer``         pi_0's sample              COPlanner: UP-MPC, optimistic, in the real env
+``rollout_planner``  pi_0 in model rollouts     COPlanner: UP-MPC, conservative (MBPO)
+===================  =========================  ==============================================
+
+One update is ``training_step`` then ``update``, read top to bottom below. The environment is
+the EnvInteraction callback's (it acts with ``act_on_host``); the clock is ``env_steps``
+(advanced by that callback) and the update count ``updates``, both saved in the checkpoint.
+
+How the update runs (captured as a CUDA graph or not, compiled parts or not, rows masked or
+compacted, precision) is the execution plan (algorithms/execution.py), resolved once when the run
+is set up. The CUDA graph wraps ``update`` from outside; inside, every optimizer steps one way,
+torch's own (``optimize``), whatever the device: Lightning's optimizer wrappers would run only
+once, at capture, so ``trainer.global_step`` stays 0 and ``updates`` counts the updates.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
+from tensordict import TensorDictBase
+
+import mpdp_lightning
+from mpdp_lightning.algorithms.execution import ExecutionPlan, resolve_plan
+from mpdp_lightning.algorithms.parts.model_rollouts import BranchedRollouts
+from mpdp_lightning.algorithms.parts.improvement import HStepImprovement, one_step_improvement
+from mpdp_lightning.algorithms.parts.model_phase import EnsembleFit
+from mpdp_lightning.envs.tasks import get_task, task_spaces
+from mpdp_lightning.errors import NonFiniteLossError
+from mpdp_lightning.models.policy import SquashedGaussianHeads, Temperature, TwinQ
+from mpdp_lightning.objectives.sac_losses import critic_loss, temperature_loss
+from mpdp_lightning.planners.up_mpc import UPMPC
+from mpdp_lightning.training.checkpoint_io import CHECKPOINT_FORMAT, upgrade_checkpoint
+from mpdp_lightning.training.cuda_graph import CapturedUpdate, CaptureError
+from mpdp_lightning.training.data import PendingBatch, drawn
+from mpdp_lightning.training.finiteness import NonFiniteGuard, non_finite_parameters
+from mpdp_lightning.training.metrics import MetricAccumulator, PhaseTimer
+
+# The fused Adam kernel (CPU and CUDA) updates all of an optimizer's tensors in one call.
+ADAM = {"fused": True}
+
+# The phases of one update, in the order they run: the NaN/inf guard names the first that broke.
+PHASES = ("model", "critic", "actor", "temperature")
+
+
+class Agent(pl.LightningModule):
+    """The actor-critic every algorithm shares, and its parts (see the module's docstring).
+
+    The defaults are the MPDP paper's (Table 2: lr 3e-4, fixed alpha 0.2); conf/algo/sac.yaml
+    sets CleanRL's SAC instead (critic lr 1e-3, automatic alpha from 1.0).
+
+    Args:
+        task: task name from the registry (set by the top-level ``--task``).
+        hidden: width of every hidden layer of the actor and the critics.
+        layers: number of hidden layers of the actor and the critics.
+        activation: hidden activation (relu, silu, tanh, elu).
+        gamma: discount factor.
+        tau: Polyak rate of the target critics (target <- (1 - tau) target + tau online).
+        actor_lr: Adam learning rate of the actor.
+        critic_lr: Adam learning rate of the critics.
+        alpha: entropy temperature; the initial value when ``auto_alpha``.
+        auto_alpha: tune alpha towards ``target_entropy`` (SAC v2) instead of keeping it fixed.
+        alpha_lr: Adam learning rate of log(alpha) when ``auto_alpha``.
+        target_entropy: entropy target for ``auto_alpha``; None means -(action dimensions).
+        cuda_graph: capture the whole update (critic, policy improvement, temperature and their
+            optimizer steps) once as a CUDA graph and replay it; None: wherever it can be (a
+            CUDA device, a precision other than fp16), and should the capture fail, warn and go on
+            eagerly (True: stop).
+        tf32: on CUDA, let float32 matmuls use TF32 tensor cores (``torch.set_float32_matmul_precision
+            ("high")``, for the whole process): 1.17x on MPDP's captured update at the paper's
+            shapes on an H200. MPDP's threshold and penalty scale, statistics of u on the real
+            pairs, stay in full fp32 (objectives/h_step_improvement.py). None: on wherever the
+            device is CUDA; no effect on the CPU.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        hidden: PositiveInt = 256,
+        layers: PositiveInt = 2,
+        activation: str = "relu",
+        gamma: NonNegativeFloat = 0.99,
+        tau: PositiveFloat = 0.005,
+        actor_lr: PositiveFloat = 3e-4,
+        critic_lr: PositiveFloat = 3e-4,
+        alpha: PositiveFloat = 0.2,
+        auto_alpha: bool = False,
+        alpha_lr: PositiveFloat = 3e-4,
+        target_entropy: Optional[float] = None,
+        cuda_graph: Optional[bool] = None,
+        tf32: Optional[bool] = None,
+        _heads: int = 1,
+    ) -> None:
+        super().__init__()
+        get_task(task)  # an unknown name fails here, before any net is built
+        for name, value in dict(actor_lr=actor_lr, critic_lr=critic_lr, alpha=alpha, alpha_lr=alpha_lr).items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not 0.0 <= gamma <= 1.0 or not 0.0 < tau <= 1.0:
+            raise ValueError(f"need 0 <= gamma <= 1 and 0 < tau <= 1, got gamma={gamma}, tau={tau}")
+        self.save_hyperparameters(ignore=["_heads"], logger=False)
+        self.automatic_optimization = False  # the update steps its optimizers itself (``optimize``)
+
+        spaces = task_spaces(task)
+        self.task = task
+        self.obs_dim, self.act_dim = spaces.obs_dim, spaces.act_dim
+        self.target_entropy = float(-spaces.act_dim if target_entropy is None else target_entropy)
+        # pi_0 .. pi_{heads-1} (SAC and MBPO: pi_0 only); pi_0 acts
+        self.actor = SquashedGaussianHeads(spaces.obs_dim, spaces.act_dim, spaces.action_low, spaces.action_high,
+                                           _heads, hidden, layers, activation)
+        self.critic = TwinQ(spaces.obs_dim, spaces.act_dim, hidden, layers, activation)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.temperature = Temperature(alpha, learnable=auto_alpha)
+        self.world_model: Optional[torch.nn.Module] = None
+
+        # the parts, None for SAC (the other algorithms set theirs in their constructors)
+        self.model_phase: Optional[EnsembleFit] = None  # fits world_model when due
+        self.rollouts: Optional[BranchedRollouts] = None  # MBPO's model rollouts in the batches
+        self.h_step: Optional[HStepImprovement] = None  # MPDP's improvement through the model
+        self.explorer: Optional[UPMPC] = None  # UP-MPC acting in the training environment
+        self.rollout_planner: Optional[UPMPC] = None  # UP-MPC acting in MBPO's model rollouts
+
+        self.env_steps = 0
+        self.updates = 0
+        self.plan: Optional[ExecutionPlan] = None  # resolved by execution_plan(), once
+        self.captured_update: Optional[CapturedUpdate] = None
+        self.train_metrics = MetricAccumulator()
+        self.timer = PhaseTimer()
+        self.guard = NonFiniteGuard(PHASES)
+
+    # ---- one update ------------------------------------------------------------------------
+    def training_step(self, batch: Union[PendingBatch, TensorDictBase], batch_idx: int) -> None:
+        # the paper's order: this update's env step is already stored (EnvInteraction), the model
+        # is fitted on it when due, then the batch is drawn
+        if self.model_phase is not None and self.model_phase.due(self.env_steps):
+            with self.timer.phase("model"):
+                self.model_phase.fit_world_model(self)
+                if self.rollouts is not None:  # MBPO: fresh rollouts from the new model
+                    self.rollouts.branch(self)
+        elif self.rollouts is not None and self.rollouts.model_replay is None and self.model_phase.trained_at:
+            self.rollouts.branch(self)  # a resumed MBPO run: its model is restored, not its rollouts
+        if self.rollouts is not None:  # MBPO: real_ratio real, the rest model transitions
+            batch = self.rollouts.mixed_batch(self, batch)
+        else:  # SAC, MPDP: real transitions
+            batch = drawn(batch)
+        if self.captured_update is not None:
+            with self.timer.phase("update"), self.timer.paused():  # phases inside are not timed
+                metrics = self.run_captured(batch)
+        else:
+            metrics = self.update(batch)
+        self.train_metrics.accumulate(metrics)  # copies them: a replay overwrites the graph's outputs
+        self.timer.count_update()
+        self.updates += 1
+
+    def update(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
+        """One update on ``batch``: the critic, the policy improvement, the temperature, each with
+        its optimizer step. Device work only, returning detached scalar metrics: what a CUDA graph
+        captures (training/cuda_graph.py)."""
+        with self.timer.phase("critic"):
+            metrics = self.critic_step(batch)
+        with self.timer.phase("policy"):
+            if self.h_step is not None:  # MPDP: the H-step objective through the world model
+                policy_metrics, log_prob = self.h_step.improve(self, batch)
+            else:  # SAC, MBPO: one step on the batch's states
+                policy_metrics, log_prob = one_step_improvement(self, batch)
+        with self.timer.phase("temperature"):
+            metrics.update(self.temperature_step(log_prob))
+        metrics.update(policy_metrics)
+        self.guard.advance()
+        return metrics
+
+    def critic_step(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
+        """Twin-Q soft Bellman step on the batch (targets with pi_0), then the Polyak update."""
+        loss, info = critic_loss(self.critic, self.critic_target, self.actor, batch, self.hparams.gamma,
+                                 self.temperature.alpha)
+        self.optimize("critic", loss)
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.hparams.tau)
+        return {"train/critic_loss": loss.detach(), "train/q_mean": info["q_mean"], "train/q_target": info["target_mean"]}
+
+    def temperature_step(self, log_prob: torch.Tensor) -> dict[str, torch.Tensor]:
+        """With ``auto_alpha``, one step of log(alpha) towards the target entropy."""
+        metrics = {"train/alpha": self.temperature.alpha}
+        if self.hparams.auto_alpha:
+            loss = temperature_loss(self.temperature.log_alpha, log_prob, self.target_entropy)
+            self.optimize("temperature", loss)
+            metrics["train/alpha_loss"] = loss.detach()
+        return metrics
+
+    def run_captured(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
+        """The update from its CUDA graph; a failed capture goes on eagerly (the plan says how)."""
+        try:
+            return self.captured_update(batch)
+        except CaptureError as error:
+            self.plan.capture_failed(error)
+            self.captured_update = None
+            return self.update(batch)
+
+    # ---- optimizer steps: one way, torch's own --------------------------------------------------
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        groups = self.optimizer_groups()
+        self._optimizer_index = {name: i for i, name in enumerate(groups)}
+        # capturable: the step count stays on the device, so a CUDA graph can hold the steps
+        capturable = self.captured_update is not None
+        return [torch.optim.Adam(params, lr=lr, capturable=capturable, **ADAM) for params, lr in groups.values()]
+
+    def optimizer_groups(self) -> dict[str, tuple[list[torch.nn.Parameter], float]]:
+        """phase -> (parameters, learning rate), one Adam optimizer each, in the checkpoint's order."""
+        hp = self.hparams
+        groups = {"critic": (list(self.critic.parameters()), hp.critic_lr),
+                  "actor": (list(self.actor.parameters()), hp.actor_lr)}
+        if hp.auto_alpha:
+            groups["temperature"] = ([self.temperature.log_alpha], hp.alpha_lr)
+        if self.world_model is not None:
+            groups["model"] = (list(self.world_model.parameters()), hp.model_lr)
+        return groups
+
+    def optimizer(self, phase: str) -> torch.optim.Optimizer:
+        """The torch optimizer of ``phase`` (critic, actor, temperature, model)."""
+        return self.optimizers(use_pl_optimizer=False)[self._optimizer_index[phase]]
+
+    def optimize(self, phase: str, loss: torch.Tensor, record: bool = True) -> None:
+        """One step of ``phase``'s optimizer on ``loss``; ``record``: the guard checks the loss and
+        the stepped parameters (not done per minibatch of a model fit, which is checked whole)."""
+        self.backward(phase, loss)
+        self.apply_gradients(phase, loss if record else None)
+
+    def backward(self, phase: str, loss: torch.Tensor) -> None:
+        """Gradients of ``loss`` into ``phase``'s parameters, cleared first."""
+        self.optimizer(phase).zero_grad(set_to_none=True)
+        loss.backward()
+
+    def apply_gradients(self, phase: str, loss: Optional[torch.Tensor] = None, clip: Optional[float] = None,
+                        norm: bool = False) -> Optional[torch.Tensor]:
+        """Step ``phase``'s optimizer on the gradients in place, their norm clipped to ``clip``
+        first; with ``norm`` (or ``clip``), that norm, before clipping, is returned. With ``loss``,
+        the guard checks it and the stepped parameters."""
+        optimizer = self.optimizer(phase)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        total = None
+        if clip is not None or norm:
+            total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if clip is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, clip, total)
+        optimizer.step()
+        if loss is not None:
+            self.guard.record_finiteness(phase, loss, params)
+        return total
+
+    def record_phase(self, phase: str, loss: torch.Tensor) -> None:
+        """Record whether ``phase``'s loss and its optimizer's parameters are finite."""
+        optimizer = self.optimizer(phase)
+        self.guard.record_finiteness(phase, loss, [p for group in optimizer.param_groups for p in group["params"]])
+
+    # ---- the execution plan ------------------------------------------------------------------
+    def execution_plan(self, device: torch.device, precision: str) -> ExecutionPlan:
+        """How the update runs on ``device`` at ``precision`` (algorithms/execution.py), resolved
+        on the first call (the CLI's, for the run's first line and params, or setup's)."""
+        if self.plan is None:
+            hp = self.hparams
+            self.plan = resolve_plan(
+                device, precision, hp.get("cuda_graph"), hp.get("compile"), hp.get("tf32"),
+                has_compiled_parts=self.world_model is not None, compact_rows=hp.get("compact_rows"),
+                imagines=self.h_step is not None,
+            )
+        return self.plan
+
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device
+        plan = self.execution_plan(device, self.trainer.precision)
+        self.timer.use_cuda_events(device.type == "cuda")  # time/* on a GPU: the GPU's time
+        if plan.tf32:
+            torch.set_float32_matmul_precision("high")
+        if plan.cuda_graph and self.captured_update is None:
+            self.captured_update = CapturedUpdate(self.update)  # wraps the update from outside
+
+    def on_fit_start(self) -> None:
+        if self.rollouts is not None and self.rollouts.schedule_start is None:
+            # MBPO's schedule: epoch 0 starts after the initial exploration, as in its code
+            from mpdp_lightning.training.callbacks.env_interaction import EnvInteraction
+
+            interaction = next((cb for cb in self.trainer.callbacks if isinstance(cb, EnvInteraction)), None)
+            self.rollouts.schedule_start = int(interaction.warmup_steps) if interaction is not None else 0
+
+    def on_train_start(self) -> None:
+        # A resumed run's optimizers come with the param groups of the device they were saved on
+        # (capturable on a GPU with a graph); a capture needs the flag, an eager run goes without.
+        capturable = self.captured_update is not None
+        for optimizer in self.optimizers(use_pl_optimizer=False) if self.trainer.optimizers else []:
+            for group in optimizer.param_groups:
+                group["capturable"] = capturable
+                if not capturable:
+                    continue
+                for p in group["params"]:  # a non-fused Adam's checkpoint keeps its step counts on the host
+                    state = optimizer.state.get(p, {})
+                    if "step" in state and state["step"].device != p.device:
+                        state["step"] = state["step"].to(p.device, torch.float32)
+
+    # ---- acting (the callbacks') -------------------------------------------------------------
+    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """pi_0's action for a batch of observations, in the environment's units."""
+        return self.actor.act(obs, deterministic)
+
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:
+        """The training environment's action: pi_0's sample, or with an explorer (COPlanner) and a
+        fitted model UP-MPC's optimistic choice, whose uncertainties go into the train metrics."""
+        if self.explorer is None or self.model_phase is None or self.model_phase.trained_at is None:
+            return self.act(obs)
+        plan = self.explorer.plan(self.world_model, self.planning_action, obs)
+        self.train_metrics.accumulate({
+            "coplanner/explore_u_chosen": plan.chosen_uncertainty.mean(),
+            "coplanner/explore_u_candidates": plan.candidate_uncertainty.mean(),
+        })
+        return plan.action
+
+    def planning_action(self, obs: torch.Tensor, step: int) -> torch.Tensor:
+        """The policy a planner acts with at its step ``step``: head ``step`` (the last beyond H;
+        SAC and MBPO: pi_0), each head being trained for its step of an imagined rollout."""
+        return self.actor.act(obs, head=min(step, self.actor.heads - 1))
+
+    def act_on_host(self, obs: np.ndarray, deterministic: bool = False, where: str = "", explore: bool = False,
+                    finite: bool = True) -> np.ndarray:
+        """pi_0's actions for a batch of host observations, as a host array: the one place every
+        environment gets its actions from (envs/stepping.py). With ``finite`` a NaN or inf action
+        stops the run, naming the phase that broke first (the check is free: the actions come to
+        the host anyway).
+
+        Args:
+            where: when the action was asked for, e.g. "at env step 151", for the message.
+            explore: the training environment's action (``explore``); evaluation never sets it.
+        """
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        actions = (self.explore(obs) if explore else self.act(obs, deterministic)).cpu().numpy()
+        if finite and not np.isfinite(actions).all():
+            shown = actions[0] if len(actions) == 1 else actions
+            self.raise_if_not_finite(" ".join(filter(None, ("pi_0's action", where, f"was {shown.tolist()}"))))
+        return actions
+
+    # ---- the env-step callbacks' defaults (each algorithm its own) -----------------------------
+    @classmethod
+    def default_warmup_steps_for(cls, task: str) -> int:
+        """Warm-up env steps when ``env_interaction.warmup_steps`` is not given: the task's (5000;
+        inverted_pendulum 1000)."""
+        return get_task(task).warmup_steps
+
+    def default_updates_per_env_step(self) -> int:
+        """Updates per env step when ``env_interaction.updates_per_env_step`` is not given."""
+        return 1
+
+    # ---- log points --------------------------------------------------------------------------
+    def window_metrics(self) -> dict[str, float]:
+        """Means of the train metrics and phase times since the last log point (one host sync)."""
+        metrics = {**self.train_metrics.pop_means(), **self.timer.pop_means()}
+        if self.h_step is not None:  # MPDP: the horizon histogram, and whether it became SAC
+            self.h_step.end_window(self, metrics)
+        return metrics
+
+    def raise_if_not_finite(self, when: str = "", scan_parameters: bool = False) -> None:
+        """Stop with a message naming the phase that produced the run's first NaN or inf (host sync:
+        call at log points, before checkpoints and on a non-finite action).
+
+        Args:
+            when: what found it, e.g. "pi_0's action at env step 151 was [nan]"; it leads the message.
+            scan_parameters: when no phase recorded one, look for non-finite weights anyway (set
+                only by something changed outside the phases); implied by ``when``.
+        """
+        first = self.guard.first()
+        broken = non_finite_parameters(self) if first is None and (scan_parameters or when) else []
+        if first is None and not broken and not when:
+            return
+        if first is not None:
+            cause = f"the {first.phase} phase's {first.what} first, in update {first.update}"
+        elif broken:
+            cause = f"non-finite parameters in {', '.join(broken)} (changed outside the update phases)"
+        else:
+            cause = "no phase's loss or parameters are non-finite"
+        lead = f"{when}: " if when else ""
+        raise NonFiniteLossError(
+            f"{lead}{cause}; the run stopped at env step {self.env_steps} and its last good checkpoint is kept"
+        )
+
+    # ---- checkpoint ----------------------------------------------------------------------------
+    def parts(self) -> list[Any]:
+        """The parts with counters of their own in the checkpoint."""
+        return [part for part in (self.model_phase, self.rollouts, self.h_step) if part is not None]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["format"], checkpoint["mpdp_version"] = CHECKPOINT_FORMAT, mpdp_lightning.__version__
+        counters = {"env_steps": self.env_steps, "updates": self.updates}
+        for part in self.parts():
+            counters.update(part.counters())
+        checkpoint["counters"] = counters
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        upgrade_checkpoint(checkpoint)  # older layouts' keys, or one line naming what wrote it
+        counters = checkpoint["counters"]
+        self.env_steps = int(counters["env_steps"])
+        self.updates = int(counters["updates"])
+        for part in self.parts():
+            part.load_counters(counters)
+        self.guard.start_at(self.updates)

@@ -1,0 +1,100 @@
+"""The policy improvement of an update: SAC's one step (``one_step_improvement``: SAC, MBPO) or
+MPDP's H-step objective through the world model (``HStepImprovement.improve``). Either computes
+its loss on the batch, steps the actor's optimizer through the agent and returns its detached
+metrics and pi_0's log-probs on the batch's real states (for the temperature)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from tensordict import TensorDictBase
+from torch import nn
+
+from mpdp_lightning.algorithms.parts.agent_view import AgentView
+from mpdp_lightning.objectives.h_step_improvement import ImprovementSettings, extended_improvement
+from mpdp_lightning.objectives.sac_losses import actor_loss
+from mpdp_lightning.training.metrics import log_json_artifact
+
+Improved = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+def one_step_improvement(agent: AgentView, batch: TensorDictBase) -> Improved:
+    """SAC's: pi_0 maximises min Q - alpha log pi on the batch's states."""
+    loss, info = actor_loss(agent.actor, agent.critic, batch["obs"], agent.temperature.alpha)
+    agent.optimize("actor", loss)
+    return {"train/actor_loss": loss.detach(), "train/entropy": info["entropy"]}, info["log_prob"]
+
+
+class HStepImprovement(nn.Module):
+    """MPDP's Algorithm 1: one backward of the H-step objective (objectives/h_step_improvement.py)
+    into every head, the heads' gradient clipped (D6), then one step of the actor's optimizer.
+
+    It keeps the "anchored" threshold (a buffer saved with the weights), the rows per horizon
+    value of the current log window, and their history: the data of the paper's Fig. 2, written as
+    the run's ``horizon_histogram.json`` artifact at every log point.
+
+    Args:
+        settings: the objective's settings.
+        head_grad_clip: clip the heads' gradient norm to this value; None: no clipping.
+    """
+
+    def __init__(self, settings: ImprovementSettings, head_grad_clip: Optional[float] = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.head_grad_clip = head_grad_clip
+        # the "anchored" rule's u_T (NaN until the first update sets it), saved with the weights
+        self.register_buffer("threshold_anchor", torch.tensor(float("nan")))
+        # rows per horizon value (0 .. H) since the last log point (a buffer: it follows the device)
+        self.register_buffer("horizon_counts", torch.zeros(settings.horizon + 1, dtype=torch.long), persistent=False)
+        self.horizon_history: dict[int, list[int]] = {}
+        self._sac_windows = 0  # consecutive log windows in which every row stopped at its first step
+
+    def improve(self, agent: AgentView, batch: TensorDictBase) -> Improved:
+        def objective_and_gradients(compiled: bool):
+            result = extended_improvement(
+                agent.actor, agent.critic, agent.world_model, batch["obs"], batch["action"], agent.temperature.alpha,
+                self.settings, self.threshold_anchor, compact=bool(agent.plan.compact_rows), compiled=compiled,
+            )
+            agent.backward("actor", result.loss)  # inside: a compiled step's backward may fail too
+            return result
+
+        result = agent.plan.run_compiled("the imagined step", objective_and_gradients)
+        if self.settings.threshold == "anchored":
+            self.threshold_anchor.copy_(result.diagnostics["u_threshold"])  # on the device: no sync
+        grad_norm = agent.apply_gradients("actor", result.loss, clip=self.head_grad_clip, norm=True)
+        # scatter_add rather than bincount, which synchronises with the host on CUDA to size its output
+        self.horizon_counts.scatter_add_(0, result.horizon, torch.ones_like(result.horizon))
+        metrics = {f"train/{name}": value for name, value in result.diagnostics.items()}
+        metrics.update({
+            "train/actor_loss": result.loss.detach(),
+            "train/entropy": -result.pi0_log_prob.mean(),
+            "train/head_grad_norm": grad_norm,
+        })
+        return metrics, result.pi0_log_prob
+
+    def end_window(self, agent: AgentView, metrics: dict[str, float]) -> None:
+        """Adds the window's horizon histogram to ``horizon_histogram.json`` ({env step: rows per
+        horizon 0..H}), and warns when every imagined row keeps stopping at its first step: MPDP
+        has then become SAC."""
+        counts = self.horizon_counts.tolist()
+        self.horizon_counts.zero_()
+        if sum(counts) and agent._trainer is not None:
+            self.horizon_history[agent.env_steps] = counts
+            log_json_artifact(agent.trainer, {str(k): v for k, v in self.horizon_history.items()}, "horizon_histogram.json")
+        if metrics.get("train/stopped_at_first_step") == 1.0:
+            self._sac_windows += 1
+            if self._sac_windows == 3:
+                rank_zero_warn(
+                    "every imagined rollout has stopped at its first step for 3 log windows: the horizon is 0 "
+                    "and MPDP is training as SAC (check --model.threshold and --model.threshold_quantile)"
+                )
+        else:
+            self._sac_windows = 0
+
+    def counters(self) -> dict[str, Any]:
+        return {"horizon_history": {int(k): v for k, v in self.horizon_history.items()}}
+
+    def load_counters(self, counters: dict[str, Any]) -> None:
+        self.horizon_history = {int(k): list(v) for k, v in counters.get("horizon_history", {}).items()}
