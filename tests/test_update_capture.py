@@ -10,7 +10,6 @@ from helpers import TINY_MODEL, fit_args
 from host_sync import HostSyncError, NoHostSync
 from mpdp_lightning.algorithms.agent import Agent
 from mpdp_lightning.algorithms.execution import cuda_graph_problem, resolve_plan
-from mpdp_lightning.algorithms.sac import SAC
 from mpdp_lightning.cli import main
 from mpdp_lightning.errors import MPDPError
 from mpdp_lightning.training.cuda_graph import CaptureError, update_context

@@ -22,7 +22,6 @@ from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
