@@ -54,3 +54,18 @@ def test_a_default_warm_up_past_the_budget_is_refused_at_setup():
         callback.setup(None, PolicyProbe(), "fit")
     with pytest.raises(ValueError, match="warmup_policy"):
         EnvInteraction(warmup_policy="greedy")
+
+
+def test_a_runs_params_hold_the_warm_up_and_updates_per_env_step_it_used_not_none(in_tmp):
+    """Left to the algorithm (None in the config), they are logged as resolved: a run is
+    reproducible from its params alone."""
+    from mlflow import MlflowClient
+
+    from helpers import fit_args, tracking_uri
+    from mpdp_lightning.cli import main
+
+    main(fit_args("inverted_pendulum", 1050, "--env_interaction.warmup_steps", "null",
+                  "--env_interaction.updates_per_env_step", "null"))
+    (run,) = MlflowClient(tracking_uri()).search_runs(["1"])
+    params = run.data.params
+    assert (params["env_interaction.warmup_steps"], params["env_interaction.updates_per_env_step"]) == ("1000", "1")

@@ -211,6 +211,11 @@ class MPDPCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config["fit"]
+        interaction = find_callback(self.trainer, EnvInteraction)
+        if interaction is not None:  # the algorithm's defaults as resolved, so the params show them
+            interaction.resolve_defaults(self.model)
+            config.env_interaction.warmup_steps = interaction.warmup_steps
+            config.env_interaction.updates_per_env_step = interaction.updates_per_env_step
         log_run_config(self.trainer, self._parser("fit"), config, resumed=bool(config.get("ckpt_path")),
                        plan=self.model.plan)
         checkpoint = find_callback(self.trainer, EnvStepCheckpoint)

@@ -84,16 +84,21 @@ class EnvInteraction(Callback):
         self._window_start = (0, time.perf_counter())
 
     # ---- lifecycle ------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def resolve_defaults(self, pl_module: pl.LightningModule) -> None:
+        """The warm-up and the updates per env step left to the algorithm: its own for the task
+        (the CLI calls this before logging the config, so the run's params hold the values used)."""
         if self.warmup_steps is None:
             self.warmup_steps = type(pl_module).default_warmup_steps_for(pl_module.task)
             if self.warmup_steps >= self.total_env_steps:
                 raise ValueError(f"the warm-up ({self.warmup_steps} env steps) must be below total_env_steps "
                                  f"({self.total_env_steps}): give --env_interaction.warmup_steps")
-        if self.env is None:
-            self.env = make_env(pl_module.task)
         if self.updates_per_env_step is None:
             self.updates_per_env_step = pl_module.default_updates_per_env_step()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.resolve_defaults(pl_module)
+        if self.env is None:
+            self.env = make_env(pl_module.task)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.env is not None:
