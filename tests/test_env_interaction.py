@@ -56,9 +56,9 @@ def test_a_default_warm_up_past_the_budget_is_refused_at_setup():
         EnvInteraction(warmup_policy="greedy")
 
 
-def test_a_runs_params_hold_the_warm_up_and_updates_per_env_step_it_used_not_none(in_tmp):
-    """Left to the algorithm (None in the config), they are logged as resolved: a run is
-    reproducible from its params alone."""
+def test_a_runs_params_hold_the_warm_up_and_updates_per_env_step_it_used(in_tmp):
+    """Left to the algorithm (None in the config, logged as given), the values used are logged
+    beside them as ``resolved.*``: a run is reproducible from its params alone."""
     from mlflow import MlflowClient
 
     from helpers import fit_args, tracking_uri
@@ -68,4 +68,6 @@ def test_a_runs_params_hold_the_warm_up_and_updates_per_env_step_it_used_not_non
                   "--env_interaction.updates_per_env_step", "null"))
     (run,) = MlflowClient(tracking_uri()).search_runs(["1"])
     params = run.data.params
-    assert (params["env_interaction.warmup_steps"], params["env_interaction.updates_per_env_step"]) == ("1000", "1")
+    assert (params["env_interaction.warmup_steps"], params["env_interaction.updates_per_env_step"]) == ("None", "None")
+    assert (params["resolved.env_interaction.warmup_steps"],
+            params["resolved.env_interaction.updates_per_env_step"]) == ("1000", "1")

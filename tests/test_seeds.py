@@ -33,6 +33,11 @@ def test_loaders_skip_the_summary_run_and_filter_by_sweep(store, s1):
 def test_seeds_of_one_setting_pool_and_beta_separates(s1):
     runs, curves = s1
     assert seeds.varying_params(runs) == ["model.init_args.beta"]  # not the seeds or run names
+    # how each seed's update ran (another device's plan) and what the algorithm chose for an
+    # option left to it are not settings: they split no group
+    varied = runs.assign(**{"plan.cuda_graph": ["true", "false"] * 3,
+                            "resolved.env_interaction.warmup_steps": ["1000", "5000", "1000", "1000", "5000", "1000"]})
+    assert seeds.varying_params(varied) == ["model.init_args.beta"]
     table = seeds.seed_table(runs, curves["eval/return"], threshold=900)
     assert list(table.columns[:3]) == ["task", "algo", "model.init_args.beta"]
     assert table["algo"].tolist() == ["MPDP", "MPDP", "SAC"]

@@ -117,6 +117,12 @@ def test_a_failed_capture_warns_and_the_run_goes_on_eagerly(in_tmp, monkeypatch)
     # 100 updates (env steps 101-200): the warm-up's, then the failed capture's and all later
     # ones eagerly
     assert eager == [True] + [False] * 99
+    # the params logged at the start say captured; a tag says when and why it was withdrawn
+    from mlflow import MlflowClient
+
+    (run,) = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}").search_runs(["1"])
+    assert run.data.params["plan.cuda_graph"] == "false"  # this CPU's plan: the capture was forced in
+    assert run.data.tags["plan.cuda_graph_withdrawn"].startswith("capture failed at update 1: RuntimeError")
 
 
 def test_what_cannot_be_captured_is_named():

@@ -211,13 +211,16 @@ class MPDPCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config["fit"]
+        # beside the config as given: how the update runs, and the values the algorithm chose for
+        # the options left to it, so that the params say what the run used
+        resolved = dict(self.model.plan.params())
         interaction = find_callback(self.trainer, EnvInteraction)
-        if interaction is not None:  # the algorithm's defaults as resolved, so the params show them
+        if interaction is not None:
             interaction.resolve_defaults(self.model)
-            config.env_interaction.warmup_steps = interaction.warmup_steps
-            config.env_interaction.updates_per_env_step = interaction.updates_per_env_step
+            resolved["resolved.env_interaction.warmup_steps"] = str(interaction.warmup_steps)
+            resolved["resolved.env_interaction.updates_per_env_step"] = str(interaction.updates_per_env_step)
         log_run_config(self.trainer, self._parser("fit"), config, resumed=bool(config.get("ckpt_path")),
-                       plan=self.model.plan)
+                       extra=resolved)
         checkpoint = find_callback(self.trainer, EnvStepCheckpoint)
         path = None
         if checkpoint is not None:

@@ -51,6 +51,7 @@ from mpdp_lightning.training.cuda_graph import CapturedUpdate, CaptureError
 from mpdp_lightning.training.data import PendingBatch, drawn
 from mpdp_lightning.training.finiteness import NonFiniteGuard, non_finite_parameters
 from mpdp_lightning.training.metrics import MetricAccumulator, PhaseTimer
+from mpdp_lightning.training.tracking import set_run_tag
 
 # The fused Adam kernel (CPU and CUDA) updates all of an optimizer's tensors in one call.
 ADAM = {"fused": True}
@@ -153,16 +154,17 @@ class Agent(pl.LightningModule):
                 self.model_phase.fit_world_model(self)
                 if self.rollouts is not None:  # MBPO: fresh rollouts from the new model
                     self.rollouts.branch(self)
-        elif self.rollouts is not None and self.rollouts.model_replay is None and self.model_phase.trained_at:
+        elif self.rollouts is not None and self.rollouts.model_replay is None and self.model_phase.trained_at is not None:
             self.rollouts.branch(self)  # a resumed MBPO run: its model is restored, not its rollouts
         if self.rollouts is not None:  # MBPO: real_ratio real, the rest model transitions
             batch = self.rollouts.mixed_batch(self, batch)
         else:  # SAC, MPDP: real transitions
             batch = drawn(batch)
+        metrics = None
         if self.captured_update is not None:
             with self.timer.phase("update"), self.timer.paused():  # phases inside are not timed
                 metrics = self.run_captured(batch)
-        else:
+        if metrics is None:  # eager, or the capture just failed (the plan withdrew it)
             metrics = self.update(batch)
         self.train_metrics.accumulate(metrics)  # copies them: a replay overwrites the graph's outputs
         self.timer.count_update()
@@ -203,14 +205,15 @@ class Agent(pl.LightningModule):
             metrics["train/alpha_loss"] = loss.detach()
         return metrics
 
-    def run_captured(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
-        """The update from its CUDA graph; a failed capture goes on eagerly (the plan says how)."""
+    def run_captured(self, batch: TensorDictBase) -> Optional[dict[str, torch.Tensor]]:
+        """The update from its CUDA graph; None after a failed capture, which withdraws the graph
+        (the plan says how) and leaves this update, and all later ones, to run eagerly."""
         try:
             return self.captured_update(batch)
         except CaptureError as error:
-            self.plan.capture_failed(error)
+            self.plan.capture_failed(error, self.updates)
             self.captured_update = None
-            return self.update(batch)
+            return None
 
     # ---- optimizer steps: one way, torch's own --------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -236,13 +239,15 @@ class Agent(pl.LightningModule):
         return self.optimizers(use_pl_optimizer=False)[self._optimizer_index[phase]]
 
     def optimize(self, phase: str, loss: torch.Tensor, record: bool = True) -> None:
-        """One step of ``phase``'s optimizer on ``loss``; ``record``: the guard checks the loss and
-        the stepped parameters (not done per minibatch of a model fit, which is checked whole)."""
-        self.backward(phase, loss)
+        """One step of ``phase``'s optimizer on ``loss`` (``compute_gradients``, then
+        ``apply_gradients``); ``record``: the guard checks the loss and the stepped parameters (not
+        done per minibatch of a model fit, which is checked whole)."""
+        self.compute_gradients(phase, loss)
         self.apply_gradients(phase, loss if record else None)
 
-    def backward(self, phase: str, loss: torch.Tensor) -> None:
-        """Gradients of ``loss`` into ``phase``'s parameters, cleared first."""
+    def compute_gradients(self, phase: str, loss: torch.Tensor) -> None:
+        """Gradients of ``loss`` into ``phase``'s parameters, cleared first (not named ``backward``:
+        that is LightningModule's hook, which ``manual_backward`` calls)."""
         self.optimizer(phase).zero_grad(set_to_none=True)
         loss.backward()
 
@@ -271,8 +276,9 @@ class Agent(pl.LightningModule):
     # ---- the execution plan ------------------------------------------------------------------
     def execution_plan(self, device: torch.device, precision: str) -> ExecutionPlan:
         """How the update runs on ``device`` at ``precision`` (algorithms/execution.py), resolved
-        on the first call (the CLI's, for the run's first line and params, or setup's)."""
-        if self.plan is None:
+        once per device and precision (the CLI's call, for the run's first line and params, and
+        setup's then agree; a module fitted again elsewhere gets that device's plan)."""
+        if self.plan is None or (self.plan.device, self.plan.precision) != (device.type, str(precision)):
             hp = self.hparams
             self.plan = resolve_plan(
                 device, precision, hp.get("cuda_graph"), hp.get("compile"), hp.get("tf32"),
@@ -284,6 +290,8 @@ class Agent(pl.LightningModule):
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device
         plan = self.execution_plan(device, self.trainer.precision)
+        # a withdrawn choice (a failed capture or compile) becomes a tag: plan.<choice>_withdrawn
+        plan.on_withdraw = lambda choice, why: set_run_tag(self.trainer, f"plan.{choice}_withdrawn", why)
         self.timer.use_cuda_events(device.type == "cuda")  # time/* on a GPU: the GPU's time
         if plan.tf32:
             torch.set_float32_matmul_precision("high")

@@ -18,7 +18,7 @@ left to its default; with the option set to true they are one-line errors instea
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, TypeVar
 
 import torch
@@ -30,7 +30,7 @@ T = TypeVar("T")
 
 # Precisions whose Lightning plugin scales the loss and skips steps from the host (fp16's loss
 # scaler): the update steps its optimizers itself, one way on every device, without a scaler.
-LOSS_SCALED_PRECISIONS = ("16-mixed", "16", "16-true")
+LOSS_SCALED_PRECISIONS = ("16-mixed", "16")
 
 
 def compile_pays(device: torch.device) -> bool:
@@ -86,10 +86,14 @@ class ExecutionPlan:
     tf32: bool
     wanted_cuda_graph: Optional[bool] = None
     wanted_compile: Optional[bool] = None
+    # told of each withdrawal, (choice, why): the agent records it in the run (a tag), since the
+    # plan.* params logged at the start cannot change
+    on_withdraw: Optional[Callable[[str, str], None]] = field(default=None, repr=False, compare=False)
 
     def params(self) -> dict[str, str]:
         """The plan as MLflow params (``plan.*``)."""
-        shown = {k: v for k, v in asdict(self).items() if not k.startswith("wanted_") and v is not None}
+        shown = {k: v for k, v in asdict(self).items()
+                 if not k.startswith(("wanted_", "on_")) and v is not None}
         return {f"plan.{k}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in shown.items()}
 
     def describe(self) -> str:
@@ -121,18 +125,25 @@ class ExecutionPlan:
             if self.wanted_compile:
                 raise MPDPError(f"model.compile true: {what} could not be compiled ({why})") from error
             self.compiled = False
+            self._withdrawn("compiled", f"{what} could not be compiled ({why})")
             rank_zero_warn(f"{what} could not be compiled ({why}); running it and every compiled part eagerly from "
                            f"now on (--model.compile false skips the attempt, true makes it an error)")
             return run(False)
 
-    def capture_failed(self, error: BaseException) -> None:
-        """Go on with eager updates after a failed capture, saying why (an error with
-        ``--model.cuda_graph true``)."""
+    def capture_failed(self, error: BaseException, update: int) -> None:
+        """Go on with eager updates after a failed capture at ``update``, saying why (an error
+        with ``--model.cuda_graph true``)."""
         if self.wanted_cuda_graph:
             raise error
         self.cuda_graph = False
+        self._withdrawn("cuda_graph", f"capture failed at update {update}: {error}")
         rank_zero_warn(f"the update could not be captured as a CUDA graph ({error}); updating eagerly from "
                        f"now on (--model.cuda_graph false skips the attempt, true makes it an error)")
+
+
+    def _withdrawn(self, choice: str, why: str) -> None:
+        if self.on_withdraw is not None:
+            self.on_withdraw(choice, why)
 
 
 def resolve_plan(device: torch.device, precision: str, cuda_graph: Optional[bool], compile: Optional[bool],

@@ -71,6 +71,8 @@ BOOKKEEPING = (
     "ckpt_path",
     "weights_only",
     "config",
+    "plan",  # how the update ran (eager or captured, ...): the same run on another device
+    "resolved",  # what the algorithm chose for options left to it: follows from the other params
 )
 
 

@@ -2,8 +2,8 @@
 
 Reading a tensor on the host synchronises the device, so the update loop only adds detached
 values into on-device sums; they are read (one transfer for all of them) every
-``log_every_env_steps``. Every metric goes to every logger with ``step=env_steps``: under manual
-optimization Lightning's ``global_step`` counts optimizer steps and is not the clock.
+``log_every_env_steps``. Every metric goes to every logger with ``step=env_steps``: the agent
+steps its optimizers itself, so Lightning's ``global_step`` stays 0 and is not the clock.
 """
 
 from __future__ import annotations

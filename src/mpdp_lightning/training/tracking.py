@@ -48,9 +48,10 @@ def algo_name(config: Mapping[str, Any]) -> str:
     return name + ("+COPlanner" if (config.get("coplanner") or {}).get("enabled") else "")
 
 
-def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool, plan: Any = None) -> None:
-    """Log the resolved ``config`` to every MLflow logger of ``trainer``, with the execution
-    ``plan``'s choices as ``plan.*`` params (algorithms/execution.py).
+def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool,
+                   extra: Mapping[str, str] = {}) -> None:
+    """Log the resolved ``config`` to every MLflow logger of ``trainer``, with ``extra`` params
+    beside it (the execution plan's ``plan.*``, the algorithm's defaults as ``resolved.*``).
 
     A resumed run keeps its params: new keys are added, and a value that differs from the
     original (MLflow params are immutable) is recorded as a ``resume_override.<key>`` tag.
@@ -62,8 +63,7 @@ def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool,
     params = {k: v for k, v in flatten(as_dict).items() if not k.startswith(NOT_PARAMS)}
     params["mpdp_version"] = mpdp_lightning.__version__
     params["git_commit"] = git_commit()
-    if plan is not None:
-        params.update(plan.params())
+    params.update(extra)
     yaml_text = parser.dump(config, skip_none=False)
     for logger in loggers:
         client, run_id = logger.experiment, logger.run_id
@@ -81,3 +81,11 @@ def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool,
             client.set_tag(run_id, "preset", str(as_dict["preset"]))
         client.set_tag(run_id, "algo", algo_name(as_dict))
         client.log_text(run_id, yaml_text, "config_resumed.yaml" if resumed else "config.yaml")
+
+
+def set_run_tag(trainer: pl.Trainer, key: str, value: str) -> None:
+    """Tag every MLflow run of ``trainer`` (what happened during the run, which its params, logged
+    at the start and immutable, cannot say)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.set_tag(logger.run_id, key, value[:5000])

@@ -57,7 +57,7 @@ class HStepImprovement(nn.Module):
                 agent.actor, agent.critic, agent.world_model, batch["obs"], batch["action"], agent.temperature.alpha,
                 self.settings, self.threshold_anchor, compact=bool(agent.plan.compact_rows), compiled=compiled,
             )
-            agent.backward("actor", result.loss)  # inside: a compiled step's backward may fail too
+            agent.compute_gradients("actor", result.loss)  # inside: a compiled step's backward may fail too
             return result
 
         result = agent.plan.run_compiled("the imagined step", objective_and_gradients)
