@@ -9,7 +9,7 @@ ARGS ?=
 RESUME ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install install-sweep train sweep compare test ui bench bench-model clean
+.PHONY: install install-sweep train sweep compare test ui bench bench-model bench-seeds clean
 
 install: $(VENV)/.installed
 
@@ -67,6 +67,11 @@ bench: install
 # Cost of the world-model phase (ms per epoch, batched ensemble vs a per-member loop).
 bench-model: install
 	$(PY) -m mpdp_lightning.benchmarks.world_model $(ARGS)
+
+# N seeds' update in one group against one seed's, side by side (algorithms/seed_group.py)
+# make bench-seeds [ARGS="--device cuda --seeds 1,4,8,16 --out seeds.json"]
+bench-seeds: install
+	$(PY) -m mpdp_lightning.benchmarks.seed_group $(ARGS)
 
 # The MLflow UI over the project's run store, on this machine only.
 ui: install

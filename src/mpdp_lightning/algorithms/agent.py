@@ -28,7 +28,7 @@ once, at capture, so ``trainer.global_step`` stays 0 and ``updates`` counts the 
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -41,6 +41,7 @@ from mpdp_lightning.algorithms.execution import ExecutionPlan, resolve_plan
 from mpdp_lightning.algorithms.parts.model_rollouts import BranchedRollouts
 from mpdp_lightning.algorithms.parts.improvement import HStepImprovement, one_step_improvement
 from mpdp_lightning.algorithms.parts.model_phase import EnsembleFit
+from mpdp_lightning.algorithms.seed_group import SeedAxis
 from mpdp_lightning.envs.tasks import get_task, task_spaces
 from mpdp_lightning.errors import NonFiniteLossError
 from mpdp_lightning.models.policy import SquashedGaussianHeads, Temperature, TwinQ
@@ -137,6 +138,9 @@ class Agent(pl.LightningModule):
         self.explorer: Optional[UPMPC] = None  # UP-MPC acting in the training environment
         self.rollout_planner: Optional[UPMPC] = None  # UP-MPC acting in MBPO's model rollouts
 
+        # None alone; set by algorithms/seed_group.py when this module holds N seeds' states
+        self.seed_axis: Optional[SeedAxis] = None
+
         self.env_steps = 0
         self.updates = 0
         self.plan: Optional[ExecutionPlan] = None  # resolved by execution_plan(), once
@@ -189,8 +193,13 @@ class Agent(pl.LightningModule):
 
     def critic_step(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         """Twin-Q soft Bellman step on the batch (targets with pi_0), then the Polyak update."""
-        loss, info = critic_loss(self.critic, self.critic_target, self.actor, batch, self.hparams.gamma,
-                                 self.temperature.alpha)
+        next_action_noise = self.standard_normal(batch.shape[-1], self.act_dim)
+
+        def loss_of(agent: "Agent", batch: TensorDictBase, noise: torch.Tensor):
+            return critic_loss(agent.critic, agent.critic_target, agent.actor, batch, agent.hparams.gamma,
+                               agent.temperature.alpha, noise)
+
+        loss, info = self.per_seed("critic", loss_of, batch, next_action_noise)
         self.optimize("critic", loss)
         with torch.no_grad():
             torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.hparams.tau)
@@ -200,7 +209,8 @@ class Agent(pl.LightningModule):
         """With ``auto_alpha``, one step of log(alpha) towards the target entropy."""
         metrics = {"train/alpha": self.temperature.alpha}
         if self.hparams.auto_alpha:
-            loss = temperature_loss(self.temperature.log_alpha, log_prob, self.target_entropy)
+            loss = self.per_seed("temperature", lambda agent, log_prob: temperature_loss(
+                agent.temperature.log_alpha, log_prob, agent.target_entropy), log_prob)
             self.optimize("temperature", loss)
             metrics["train/alpha_loss"] = loss.detach()
         return metrics
@@ -214,6 +224,23 @@ class Agent(pl.LightningModule):
             self.plan.capture_failed(error, self.updates)
             self.captured_update = None
             return None
+
+    # ---- one seed's computations, and the seed axis ---------------------------------------------
+    def per_seed(self, phase: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(agent, *args)``, a computation of one seed's nets whose gradients go to ``phase``'s
+        parameters alone: on this agent as it is, or, holding a group of seeds, for every seed at
+        once (vmapped over the stacked state: each of ``args`` and each result with a leading seed
+        axis; algorithms/seed_group.py)."""
+        if self.seed_axis is None:
+            return fn(self, *args)
+        return self.seed_axis.map(self, fn, args, self.optimizer_groups()[phase][0])
+
+    def standard_normal(self, *shape: int) -> torch.Tensor:
+        """A standard normal draw of ``shape`` on the device, from the run's stream (each seed's
+        own in a group, with a leading seed axis)."""
+        if self.seed_axis is None:
+            return torch.randn(shape, device=self.device)
+        return self.seed_axis.streams.draw(lambda: torch.randn(shape, device=self.device))
 
     # ---- optimizer steps: one way, torch's own --------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -249,7 +276,8 @@ class Agent(pl.LightningModule):
         """Gradients of ``loss`` into ``phase``'s parameters, cleared first (not named ``backward``:
         that is LightningModule's hook, which ``manual_backward`` calls)."""
         self.optimizer(phase).zero_grad(set_to_none=True)
-        loss.backward()
+        # a group's per-seed losses: no parameter is shared, so each seed's gradient is its own loss's
+        (loss if loss.dim() == 0 else loss.sum()).backward()
 
     def apply_gradients(self, phase: str, loss: Optional[torch.Tensor] = None, clip: Optional[float] = None,
                         norm: bool = False) -> Optional[torch.Tensor]:

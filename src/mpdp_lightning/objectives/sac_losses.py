@@ -26,9 +26,11 @@ def critic_loss(
     batch: TensorDictBase,
     gamma: float,
     alpha: torch.Tensor,
+    noise: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``noise``: the next action's standard normal draw [B, act_dim]; None: drawn here."""
     with torch.no_grad():
-        next_action, next_log_prob = actor.sample(batch["next_obs"], 0)
+        next_action, next_log_prob = actor.sample(batch["next_obs"], 0, noise=noise)
         next_q = critic_target(batch["next_obs"], next_action).min(dim=0).values
         not_done = (~batch["terminated"]).to(next_q.dtype)
         target = batch["reward"] + gamma * not_done * (next_q - alpha * next_log_prob)

@@ -54,15 +54,21 @@ class NonFiniteGuard(nn.Module):
     def record_finiteness(self, phase: str, loss: torch.Tensor, parameters: Iterable[torch.Tensor]) -> None:
         loss = loss.detach().float()
         params = [p.detach() for p in parameters]
-        params_finite = torch.isfinite(torch.nn.utils.get_total_norm(params)) if params else torch.ones((), dtype=torch.bool, device=loss.device)
+        if not params:
+            params_finite = torch.ones_like(loss, dtype=torch.bool)
+        elif self.code.dim() == 0:
+            params_finite = torch.isfinite(torch.nn.utils.get_total_norm(params))
+        else:  # a group of seeds (algorithms/seed_group.py): a record per seed, each its own slices
+            params_finite = torch.stack([torch.isfinite(p.reshape(len(p), -1)).all(dim=1) for p in params]).all(dim=0)
         kind = torch.where(torch.isnan(loss), 0, torch.where(torch.isinf(loss), 1, 2))
         bad = ~(torch.isfinite(loss) & params_finite)
         base = (self.update * len(self.phases) + self.phases.index(phase)) * len(KINDS)
         self.code.copy_(torch.where(bad, torch.minimum(self.code, base + kind), self.code))
 
-    def first(self) -> Optional[FirstNonFinite]:
-        """The first phase that went non-finite, or None (one host sync)."""
-        code = int(self.code.item())
+    def first(self, seed: Optional[int] = None) -> Optional[FirstNonFinite]:
+        """The first phase that went non-finite, or None (one host sync); in a group of seeds,
+        seed ``seed``'s (its position in the group)."""
+        code = int((self.code if seed is None else self.code[seed]).item())
         if code == NEVER:
             return None
         position, kind = divmod(code, len(KINDS))

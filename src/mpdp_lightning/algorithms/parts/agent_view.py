@@ -4,7 +4,7 @@ rather than the agent's class, so that they depend on the agent's face, not on i
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -18,11 +18,16 @@ class AgentView(Protocol):
     world_model: Any  # GaussianEnsemble (the model-based agents)
     rollout_planner: Any  # COPlanner's conservative UP-MPC, or None
     model_phase: Any  # EnsembleFit, or None
+    act_dim: int
     plan: ExecutionPlan
     env_steps: int
     trainer: Any
     device: torch.device
     _trainer: Any
+
+    def per_seed(self, phase: str, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+    def standard_normal(self, *shape: int) -> torch.Tensor: ...
 
     def optimize(self, phase: str, loss: torch.Tensor, record: bool = True) -> None: ...
 

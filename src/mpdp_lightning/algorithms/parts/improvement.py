@@ -22,7 +22,9 @@ Improved = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 def one_step_improvement(agent: AgentView, batch: TensorDictBase) -> Improved:
     """SAC's: pi_0 maximises min Q - alpha log pi on the batch's states."""
-    loss, info = actor_loss(agent.actor, agent.critic, batch["obs"], agent.temperature.alpha)
+    noise = agent.standard_normal(batch.shape[-1], agent.act_dim)
+    loss, info = agent.per_seed("actor", lambda agent, obs, noise: actor_loss(
+        agent.actor, agent.critic, obs, agent.temperature.alpha, noise), batch["obs"], noise)
     agent.optimize("actor", loss)
     return {"train/actor_loss": loss.detach(), "train/entropy": info["entropy"]}, info["log_prob"]
 

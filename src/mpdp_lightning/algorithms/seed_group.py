@@ -1,0 +1,137 @@
+"""N seeds of one agent in one module: every parameter and buffer with a leading seed axis.
+
+On a GPU one seed's update is a few thousand small kernels that leave the device mostly idle;
+with the seeds' states stacked, each kernel does every seed's work (PureJaxRL's and Rejax's way,
+in JAX). The agent's update is written once, for one seed: each computation that reads the nets
+goes through ``Agent.per_seed``, which here runs it under ``torch.func.vmap`` over the stacked
+state (``SeedAxis.map``). What stays outside needs no change, because it is elementwise per
+seed: Adam on stacked parameters, the Polyak average, and a backward of the summed per-seed
+losses (no parameter is shared, so each seed's gradient is its own loss's).
+
+Nothing is pooled across seeds: each has its own initialisation (built under its own seed, as a
+run alone would be), its own random stream (``SeedStreams``: the global generator's state a run
+alone would have, swapped in for each seed's draws), its own temperature and its own NaN record.
+On the CPU a seed in a group gets bit-identical losses and weights to the same seed alone
+(tests/test_seed_group.py): the batched MLP block uses ``bmm`` + bias, whose vmapped form is the
+same kernel, rather than ``baddbmm``/``addmm``, whose batching rules take another path for a
+1-wide output.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+# Parts that the seed axis does not reach yet: their fits and rollouts have per-seed host-side
+# decisions (early stopping, elites, branched rollouts), which need a per-seed mask first.
+UNSUPPORTED_PARTS = ("world_model", "model_phase", "rollouts", "h_step", "explorer", "rollout_planner")
+
+
+class SeedStreams:
+    """Each seed's random stream, as the global CPU generator a run of that seed alone would hold.
+
+    ``draw`` swaps each seed's generator state in, draws, and keeps the advanced state, so seed s
+    sees exactly the numbers it would see alone, in the same order (the state is 5 KB: a swap is
+    a copy). Args: ``states``: each seed's ``torch.get_rng_state()`` at the point where the group
+    takes over (after its agent was built under its seed).
+    """
+
+    def __init__(self, states: Sequence[torch.Tensor]) -> None:
+        self.states = [state.clone() for state in states]
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def draw(self, sample: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``sample()`` once per seed under that seed's stream, stacked on a leading seed axis."""
+        outer = torch.get_rng_state()
+        try:
+            draws = []
+            for seed, state in enumerate(self.states):
+                torch.set_rng_state(state)
+                draws.append(sample())
+                self.states[seed] = torch.get_rng_state()
+        finally:
+            torch.set_rng_state(outer)  # whatever runs outside the group keeps its own stream
+        return torch.stack(draws)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"states": [state.clone() for state in self.states]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.states = [s.clone() for s in state["states"]]
+
+
+class _SeedCall(nn.Module):
+    """``fn(agent, *args)`` as a module call, so that ``functional_call`` can substitute one
+    seed's slice of the stacked state for the agent's own (the agent has no ``forward`` of its
+    own for this)."""
+
+    def __init__(self, agent: nn.Module) -> None:
+        super().__init__()
+        self.agent = agent
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self.agent, *args)
+
+
+class SeedAxis:
+    """The group's view of the seed axis: how many seeds, their streams, and ``map``."""
+
+    def __init__(self, seeds: Sequence[int], streams: SeedStreams) -> None:
+        self.seeds = tuple(seeds)
+        self.streams = streams
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def map(self, agent: nn.Module, fn: Callable[..., Any], args: Sequence[Any], trainable: Sequence[torch.Tensor]) -> Any:
+        """``fn(agent, *args)`` for every seed at once; each of ``args`` has a leading seed axis,
+        and so has every tensor that ``fn`` returns. Parameters outside ``trainable`` enter
+        detached: gradients flow through them, never into them (``frozen`` then has nothing to
+        freeze, which it could not do to a slice)."""
+        call = _SeedCall(agent)
+        trainable_ids = {id(p) for p in trainable}
+        state = {f"agent.{name}": (p if id(p) in trainable_ids else p.detach()) for name, p in agent.named_parameters()}
+        state.update({f"agent.{name}": b for name, b in agent.named_buffers()})
+
+        def one_seed(seed_state: dict[str, torch.Tensor], *seed_args: Any) -> Any:
+            return functional_call(call, seed_state, (fn, *seed_args), strict=True)
+
+        return vmap(one_seed)(state, *args)
+
+
+def stack_agents(agents: Sequence[nn.Module], seeds: Sequence[int], rng_states: Sequence[torch.Tensor]) -> nn.Module:
+    """One agent holding ``agents``' states (same class and settings, each built under its seed)
+    stacked on a leading seed axis, with ``seed_axis`` set. ``rng_states``: each seed's global
+    generator state once its agent was built, where its random stream continues."""
+    if not len(agents) == len(seeds) == len(rng_states) or not agents:
+        raise ValueError(f"need one agent and one generator state per seed, got {len(agents)} agents, "
+                         f"{len(seeds)} seeds and {len(rng_states)} states")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must differ, got {list(seeds)}")
+    unsupported = [name for name in UNSUPPORTED_PARTS if getattr(agents[0], name, None) is not None]
+    if unsupported:
+        raise ValueError(f"{type(agents[0]).__name__} cannot be grouped yet (its {', '.join(unsupported)} "
+                         "run per-seed decisions on the host); run its seeds one per process")
+    group = copy.deepcopy(agents[0])
+    params, buffers = stack_module_state(list(agents))
+    for name, value in params.items():
+        _set(group, name, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+    for name, value in buffers.items():
+        _set(group, name, value.clone())
+    group.seed_axis = SeedAxis(seeds, SeedStreams(rng_states))
+    return group
+
+
+def _set(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    *path, leaf = name.split(".")
+    module = root.get_submodule(".".join(path)) if path else root
+    if isinstance(value, nn.Parameter):
+        module._parameters[leaf] = value
+    else:
+        module._buffers[leaf] = value

@@ -1,0 +1,125 @@
+"""Cost of N seeds' updates in one group against one seed's update, side by side in one process.
+
+    python -m mpdp_lightning.benchmarks.seed_group [--device cpu] [--seeds 1,2,4,8]
+        [--task walker2d] [--batch 256] [--out seeds.json]        (make bench-seeds ARGS="...")
+
+For each N: the group's update (algorithms/seed_group.py: every phase vmapped over the stacked
+seeds, one Adam step per phase for all) and, interleaved with it, one seed's update alone (the
+module's own ``update``), both on the same shapes (SAC v2, auto temperature, CleanRL's sizes).
+Reported: ms per update, the ratio of the group's time to one seed's (the cost of the group;
+N would mean no gain over running the seeds one after the other), the seeds' env steps per
+second of update time summed over the group relative to one seed's, FLOPs per update
+(torch.utils.flop_counter: the matmuls, forward and backward) and GFLOP/s. On the CPU the update
+is compute-bound, so the group costs about N; on a GPU, where one seed's update is launch-bound,
+the same launches carry N seeds' work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+from torch.utils.flop_counter import FlopCounterMode
+
+from mpdp_lightning.algorithms.sac import SAC
+from mpdp_lightning.algorithms.seed_group import stack_agents
+from mpdp_lightning.benchmarks.common import timed
+from mpdp_lightning.envs.tasks import task_spaces
+
+
+def sac_agent(task: str, seed: int, device: torch.device) -> tuple[SAC, torch.Tensor]:
+    """SAC as conf/algo/sac.yaml builds it, under ``seed``, and the generator state after."""
+    torch.manual_seed(seed)
+    agent = SAC(task, critic_lr=1e-3, alpha=1.0, auto_alpha=True).to(device)
+    optimizers = agent.configure_optimizers()
+    agent.optimizers = lambda use_pl_optimizer=True: optimizers
+    return agent, torch.get_rng_state()
+
+
+def random_batch(task: str, batch: int, device: torch.device, seeds: int = 0) -> TensorDict:
+    """A batch of ``batch`` random transitions ([seeds, batch] with a seed axis)."""
+    spaces = task_spaces(task)
+    shape = (seeds, batch) if seeds else (batch,)
+    return TensorDict({
+        "obs": torch.randn(*shape, spaces.obs_dim),
+        "action": torch.rand(*shape, spaces.act_dim) * 2 - 1,
+        "reward": torch.randn(*shape),
+        "next_obs": torch.randn(*shape, spaces.obs_dim),
+        "terminated": torch.rand(*shape) < 0.01,
+    }, batch_size=shape).to(device)
+
+
+def flops_of(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench(task: str, seed_counts: list[int], batch: int, repeats: int, device: torch.device) -> dict:
+    alone, _ = sac_agent(task, 0, device)
+    alone_batch = random_batch(task, batch, device)
+    out = {"task": task, "batch": batch, "device": str(device), "groups": {}}
+    for n in seed_counts:
+        built = [sac_agent(task, seed, device) for seed in range(n)]
+        group = stack_agents([a for a, _ in built], list(range(n)), [s for _, s in built])
+        optimizers = group.configure_optimizers()
+        group.optimizers = lambda use_pl_optimizer=True, o=optimizers: o
+        group_batch = random_batch(task, batch, device, seeds=n)
+        for _ in range(3):  # warm-up: allocations, Adam's state
+            group.update(group_batch)
+            alone.update(alone_batch)
+        group_ms, alone_ms = [], []
+        for _ in range(repeats):  # interleaved, so that load from elsewhere hits both alike
+            group_ms.append(timed(lambda: group.update(group_batch), 1, device))
+            alone_ms.append(timed(lambda: alone.update(alone_batch), 1, device))
+        g, a = float(np.median(group_ms)), float(np.median(alone_ms))
+        flops = flops_of(lambda: group.update(group_batch))
+        out["groups"][n] = {
+            "group_ms": g, "alone_ms": a, "time_ratio": g / a, "throughput_ratio": n * a / g,
+            "gflop": flops / 1e9, "gflops_per_s": flops / g / 1e6,
+        }
+    return out
+
+
+def format_report(report: dict) -> str:
+    lines = [f"SAC update on {report['task']}, batch {report['batch']} per seed, {report['device']}:",
+             "seeds | group ms | one seed ms | group / one | seeds' throughput / one's | GFLOP | GFLOP/s"]
+    for n, r in report["groups"].items():
+        lines.append(f"{n:>5} | {r['group_ms']:8.2f} | {r['alone_ms']:11.2f} | {r['time_ratio']:11.2f} | "
+                     f"{r['throughput_ratio']:25.2f} | {r['gflop']:5.2f} | {r['gflops_per_s']:7.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--task", default="walker2d")
+    parser.add_argument("--seeds", default="1,2,4", help="comma-separated group sizes")
+    parser.add_argument("--batch", type=int, default=256, help="transitions per seed per update")
+    parser.add_argument("--repeats", type=int, default=20, help="timed updates per size (median reported)")
+    parser.add_argument("--out", default=None, help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        seed_counts = [int(n) for n in args.seeds.split(",")]
+    except ValueError:
+        parser.exit(2, f"error: --seeds must be comma-separated integers, got {args.seeds!r}\n")
+    if any(n < 1 for n in seed_counts) or args.batch < 1 or args.repeats < 1:
+        parser.exit(2, "error: --seeds, --batch and --repeats must be positive\n")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.exit(2, "error: --device cuda, but torch sees no GPU\n")
+    report = bench(args.task, seed_counts, args.batch, args.repeats, torch.device(args.device))
+    print(format_report(report))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,108 @@
+"""N seeds in one module (algorithms/seed_group.py): each seed in the group trains exactly as it
+would alone, and nothing of one seed reaches another."""
+
+import copy
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from mpdp_lightning.algorithms.mpdp import MPDP
+from mpdp_lightning.algorithms.sac import SAC
+from mpdp_lightning.algorithms.seed_group import SeedStreams, stack_agents
+
+SEEDS = (0, 1, 2)
+B, UPDATES = 16, 4
+
+
+def _built(seed, **kwargs):
+    """SAC built under ``seed``, as a run of that seed alone builds it, and the global generator's
+    state after (where the run's stream goes on)."""
+    torch.manual_seed(seed)
+    agent = SAC("hopper", hidden=32, layers=2, auto_alpha=True, alpha=1.0, critic_lr=1e-3, **kwargs)
+    return agent, torch.get_rng_state()
+
+
+def _with_optimizers(agent):
+    optimizers = agent.configure_optimizers()
+    agent.optimizers = lambda use_pl_optimizer=True: optimizers
+    return agent
+
+
+def _batches(seed, obs_dim=11, act_dim=3):
+    g = torch.Generator().manual_seed(100 + seed)
+    return [TensorDict({
+        "obs": torch.randn(B, obs_dim, generator=g),
+        "action": torch.rand(B, act_dim, generator=g) * 2 - 1,
+        "reward": torch.randn(B, generator=g),
+        "next_obs": torch.randn(B, obs_dim, generator=g),
+        "terminated": torch.rand(B, generator=g) < 0.2,
+    }, batch_size=[B]) for _ in range(UPDATES)]
+
+
+def _alone(seed):
+    agent, state = _built(seed)
+    agent = _with_optimizers(agent)
+    torch.set_rng_state(state)
+    metrics = [agent.update(batch) for batch in _batches(seed)]
+    return agent, metrics
+
+
+def _group():
+    built = [_built(seed) for seed in SEEDS]
+    group = _with_optimizers(stack_agents([a for a, _ in built], SEEDS, [s for _, s in built]))
+    batches = [_batches(seed) for seed in SEEDS]
+    metrics = [group.update(torch.stack([b[k] for b in batches])) for k in range(UPDATES)]
+    return group, metrics
+
+
+def test_each_seed_in_a_group_trains_bit_identically_to_that_seed_alone():
+    group, group_metrics = _group()
+    for position, seed in enumerate(SEEDS):
+        alone, alone_metrics = _alone(seed)
+        for k in range(UPDATES):
+            for name in ("train/critic_loss", "train/actor_loss", "train/alpha_loss", "train/alpha", "train/q_mean"):
+                assert torch.equal(group_metrics[k][name][position], alone_metrics[k][name]), (seed, k, name)
+        for name, p in alone.named_parameters():
+            assert torch.equal(group.get_parameter(name)[position], p), (seed, name)
+        for name, b in alone.named_buffers():
+            if b.is_floating_point():
+                assert torch.equal(group.get_buffer(name)[position], b), (seed, name)
+
+
+def test_a_groups_random_streams_are_each_seeds_own_and_leave_the_global_one_alone():
+    states = []
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        states.append(torch.get_rng_state())
+    streams = SeedStreams(states)
+    torch.manual_seed(1234)
+    outer = torch.get_rng_state()
+    first, second = streams.draw(lambda: torch.randn(5)), streams.draw(lambda: torch.randn(2))
+    assert torch.equal(torch.get_rng_state(), outer)
+    for position, seed in enumerate(SEEDS):
+        torch.manual_seed(seed)
+        assert torch.equal(first[position], torch.randn(5))
+        assert torch.equal(second[position], torch.randn(2))
+
+
+def test_a_non_finite_seed_is_recorded_for_that_seed_only():
+    group, _ = _group()
+    with torch.no_grad():
+        group.actor.net.linears[0].weight[1].fill_(float("nan"))  # seed 1's actor breaks
+    batches = [_batches(seed)[0] for seed in SEEDS]
+    group.update(torch.stack(batches))
+    assert group.guard.first(seed=0) is None and group.guard.first(seed=2) is None
+    broken = group.guard.first(seed=1)
+    assert broken is not None and broken.phase == "critic"  # its targets, from pi_0, went NaN first
+    for position in (0, 2):  # the others' weights stay finite
+        assert all(torch.isfinite(p[position]).all() for p in group.parameters())
+
+
+def test_seeds_must_differ_and_model_based_agents_are_refused_for_now():
+    built = [_built(seed) for seed in (0, 0)]
+    with pytest.raises(ValueError, match="seeds must differ"):
+        stack_agents([a for a, _ in built], (0, 0), [s for _, s in built])
+    mpdp = [MPDP("inverted_pendulum", hidden=16, model_hidden=16) for _ in range(2)]
+    with pytest.raises(ValueError, match="cannot be grouped yet"):
+        stack_agents(mpdp, (0, 1), [torch.get_rng_state()] * 2)
