@@ -148,16 +148,6 @@ class KillDuringCheckpointWrite(Callback):
             checkpoint["zz_kill"] = _KillOnPickle()
 
 
-class SaveWeightsAtEnd(Callback):
-    """Writes the module's state dict to ``path`` when training ends (for comparing two runs)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, self.path)
-
-
 class RecordCapturable(Callback):
     """Writes to ``path`` the optimizers' ``capturable`` flags as the first update sees them."""
 
@@ -172,7 +162,7 @@ class RecordCapturable(Callback):
 
 class SlowBoundaryAfterSigterm(Callback):
     """Once SIGTERM has arrived, the update boundary takes ``seconds`` (as a model fit or a
-    rollout refresh can): the save comes well after the signal."""
+    branching of model rollouts can): the save comes well after the signal."""
 
     def __init__(self, seconds: float = 3.0) -> None:
         self.seconds, self.slept = seconds, False

@@ -19,8 +19,8 @@ the EnvInteraction callback's (it acts with ``act_on_host``); the clock is ``env
 (advanced by that callback) and the update count ``updates``, both saved in the checkpoint.
 
 How the update runs (captured as a CUDA graph or not, compiled parts or not, rows masked or
-compacted, precision) is the execution plan (algorithms/execution.py), resolved once when the run
-is set up. The CUDA graph wraps ``update`` from outside; inside, every optimizer steps one way,
+compacted, precision) is the execution plan (algorithms/execution.py), resolved when the run is
+set up (again for another device or precision). The CUDA graph wraps ``update`` from outside; inside, every optimizer steps one way,
 torch's own (``optimize``), whatever the device: Lightning's optimizer wrappers would run only
 once, at capture, so ``trainer.global_step`` stays 0 and ``updates`` counts the updates.
 """
@@ -82,8 +82,8 @@ class Agent(pl.LightningModule):
         target_entropy: entropy target for ``auto_alpha``; None means -(action dimensions).
         cuda_graph: capture the whole update (critic, policy improvement, temperature and their
             optimizer steps) once as a CUDA graph and replay it; None: wherever it can be (a
-            CUDA device, a precision other than fp16), and should the capture fail, warn and go on
-            eagerly (True: stop).
+            CUDA device, MPDP's rows masked), and should the capture fail, warn and go on eagerly
+            (True: stop).
         tf32: on CUDA, let float32 matmuls use TF32 tensor cores (``torch.set_float32_matmul_precision
             ("high")``, for the whole process): 1.17x on MPDP's captured update at the paper's
             shapes on an H200. MPDP's threshold and penalty scale, statistics of u on the real
@@ -143,7 +143,7 @@ class Agent(pl.LightningModule):
 
         self.env_steps = 0
         self.updates = 0
-        self.plan: Optional[ExecutionPlan] = None  # resolved by execution_plan(), once
+        self._plan: Optional[ExecutionPlan] = None  # execution_plan()'s, per device and precision
         self.captured_update: Optional[CapturedUpdate] = None
         self.train_metrics = MetricAccumulator()
         self.timer = PhaseTimer()
@@ -285,35 +285,40 @@ class Agent(pl.LightningModule):
         first; with ``norm`` (or ``clip``), that norm, before clipping, is returned. With ``loss``,
         the guard checks it and the stepped parameters."""
         optimizer = self.optimizer(phase)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         total = None
         if clip is not None or norm:
+            params = _parameters_of(optimizer)
             total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             if clip is not None:
                 torch.nn.utils.clip_grads_with_norm_(params, clip, total)
         optimizer.step()
         if loss is not None:
-            self.guard.record_finiteness(phase, loss, params)
+            self.guard.record_finiteness(phase, loss, _parameters_of(optimizer))
         return total
 
     def record_phase(self, phase: str, loss: torch.Tensor) -> None:
         """Record whether ``phase``'s loss and its optimizer's parameters are finite."""
-        optimizer = self.optimizer(phase)
-        self.guard.record_finiteness(phase, loss, [p for group in optimizer.param_groups for p in group["params"]])
+        self.guard.record_finiteness(phase, loss, _parameters_of(self.optimizer(phase)))
 
     # ---- the execution plan ------------------------------------------------------------------
     def execution_plan(self, device: torch.device, precision: str) -> ExecutionPlan:
         """How the update runs on ``device`` at ``precision`` (algorithms/execution.py), resolved
         once per device and precision (the CLI's call, for the run's first line and params, and
         setup's then agree; a module fitted again elsewhere gets that device's plan)."""
-        if self.plan is None or (self.plan.device, self.plan.precision) != (device.type, str(precision)):
+        if self._plan is None or (self._plan.device, self._plan.precision) != (device.type, str(precision)):
             hp = self.hparams
-            self.plan = resolve_plan(
+            self._plan = resolve_plan(
                 device, precision, hp.get("cuda_graph"), hp.get("compile"), hp.get("tf32"),
                 has_compiled_parts=self.world_model is not None, compact_rows=hp.get("compact_rows"),
                 imagines=self.h_step is not None,
             )
-        return self.plan
+        return self._plan
+
+    @property
+    def plan(self) -> ExecutionPlan:
+        """How the update runs: the trainer's device and precision once set up (or as the CLI
+        resolved it); outside a Trainer, this module's device at 32-true."""
+        return self._plan if self._plan is not None else self.execution_plan(self.device, "32-true")
 
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device
@@ -323,8 +328,9 @@ class Agent(pl.LightningModule):
         self.timer.use_cuda_events(device.type == "cuda")  # time/* on a GPU: the GPU's time
         if plan.tf32:
             torch.set_float32_matmul_precision("high")
-        if plan.cuda_graph and self.captured_update is None:
-            self.captured_update = CapturedUpdate(self.update)  # wraps the update from outside
+        # a fresh capture each fit: a graph holds the optimizers it was captured with, and
+        # configure_optimizers builds new ones (and another device's plan may have none)
+        self.captured_update = CapturedUpdate(self.update) if plan.cuda_graph else None  # wraps it from outside
 
     def on_fit_start(self) -> None:
         if self.rollouts is not None and self.rollouts.schedule_start is None:
@@ -338,7 +344,7 @@ class Agent(pl.LightningModule):
         # A resumed run's optimizers come with the param groups of the device they were saved on
         # (capturable on a GPU with a graph); a capture needs the flag, an eager run goes without.
         capturable = self.captured_update is not None
-        for optimizer in self.optimizers(use_pl_optimizer=False) if self.trainer.optimizers else []:
+        for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 group["capturable"] = capturable
                 if not capturable:
@@ -451,3 +457,7 @@ class Agent(pl.LightningModule):
         for part in self.parts():
             part.load_counters(counters)
         self.guard.start_at(self.updates)
+
+
+def _parameters_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]

@@ -1,5 +1,6 @@
-"""How an agent's update runs on this device: the execution plan, resolved once when the run is
-set up, logged as ``plan.*`` params and shown in the run's first line.
+"""How an agent's update runs on this device: the execution plan, resolved when the run is set
+up (again if the module is fitted on another device or precision), logged as ``plan.*`` params and
+shown in the run's first line.
 
 Four choices, each from its ``--model.*`` option where one is given, else from the device:
 
@@ -54,20 +55,19 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def precision_problem(precision: str) -> Optional[str]:
-    """Why the update cannot run at ``precision``, or None."""
+def check_precision(precision: str) -> None:
+    """One ``MPDPError`` line where the update cannot run at ``precision`` (the run's plan and the
+    sweep's check before Ray both ask here)."""
     if str(precision) in LOSS_SCALED_PRECISIONS:
-        return (f"precision {precision} needs a loss scaler that skips steps from the host, and the update steps "
-                f"its optimizers itself; use 32-true or bf16-mixed")
-    return None
+        raise MPDPError(f"trainer.precision: precision {precision} needs a loss scaler that skips steps from the "
+                        f"host, and the update steps its optimizers itself; use 32-true or bf16-mixed")
 
 
-def cuda_graph_problem(device: torch.device, precision: str, compact_rows: Optional[bool] = None) -> Optional[str]:
-    """Why the update cannot be captured as a CUDA graph on ``device`` at ``precision``, or None."""
+def cuda_graph_problem(device: torch.device, compact_rows: Optional[bool] = None) -> Optional[str]:
+    """Why the update cannot be captured as a CUDA graph on ``device``, or None (a precision the
+    update cannot run at is refused before: ``check_precision``)."""
     if device.type != "cuda":
         return f"a CUDA graph needs a CUDA device, and this run's is {device.type}"
-    if str(precision) in LOSS_SCALED_PRECISIONS:
-        return f"precision {precision} scales the loss and skips steps from the host; use 32-true or bf16-mixed"
     if compact_rows:
         return "model.compact_rows true counts the live rows on the host at every imagined step; leave it unset on CUDA"
     return None
@@ -151,10 +151,8 @@ def resolve_plan(device: torch.device, precision: str, cuda_graph: Optional[bool
                  imagines: bool = False) -> ExecutionPlan:
     """The plan for an agent on ``device`` at ``precision`` from its options (None: the device's
     choice); a contradiction is one ``MPDPError`` line naming the option."""
-    problem = precision_problem(precision)
-    if problem:
-        raise MPDPError(f"trainer.precision: {problem}")
-    graph_problem = cuda_graph_problem(device, precision, compact_rows)
+    check_precision(precision)
+    graph_problem = cuda_graph_problem(device, compact_rows)
     if cuda_graph and graph_problem:
         raise MPDPError(f"model.cuda_graph: {graph_problem}")
     compacts = (bool(compact_rows) if compact_rows is not None else device.type == "cpu") if imagines else None

@@ -20,7 +20,7 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from mpdp_lightning.experiments.mlflow_runs import FIGURE_METRICS, latest_attempt, training_runs  # noqa: F401
+from mpdp_lightning.experiments.mlflow_runs import FIGURE_METRICS, latest_attempt, training_runs
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

@@ -2,7 +2,7 @@
 reports its curves (mean and spread over seeds), computed from the runs ``compare`` loads.
 
 Per run (``per_run``), from its ``eval/return`` curve against env steps (one point per step, the
-latest attempt's, see ``compare.latest_attempt``):
+latest attempt's, see ``mlflow_runs.latest_attempt``):
 
 - ``return@25%``, ``return@50%``, ``return@75%``, ``return@end``: the latest evaluation at or
   before that fraction of the budget (the param ``env_interaction.total_env_steps``; a run

@@ -269,7 +269,7 @@ def _trial_checker():
 
     from mpdp_lightning.cli import MPDPCLI, quiet_libraries
     from mpdp_lightning.errors import describe_parser_error
-    from mpdp_lightning.algorithms.execution import precision_problem
+    from mpdp_lightning.algorithms.execution import check_precision
     from mpdp_lightning.training.data import ReplayDataModule
 
     class TrialChecker(MPDPCLI):
@@ -304,9 +304,7 @@ def _trial_checker():
                 self.parse_arguments(self.parser, argv)
                 self._parse_ckpt_path()
                 self.before_instantiate_classes()
-                problem = precision_problem(self.config["fit"].trainer.precision)
-                if problem:  # what the run's execution plan would refuse (algorithms/execution.py)
-                    raise MPDPError(f"trainer.precision: {problem}")
+                check_precision(self.config["fit"].trainer.precision)  # what the run's plan would refuse
                 self.config["fit"].trainer.logger = False  # building an MLflow logger creates its store
                 try:
                     self.parser.instantiate_classes(self.config)

@@ -6,9 +6,10 @@ mbpo_pytorch, mbrl-lib), the inputs (obs, action) are normalised with statistics
 training rows and the targets (delta obs, reward) are not, by default: the loss, the early stop
 and the elites then weigh the outputs in raw units, and the learned log-variance bounds act in
 raw units (``normalize_targets`` standardises the targets too). Weights start from MBPO's
-truncated normal, biases at zero; the log-variance is kept between learned soft bounds. ``fit_ensemble`` trains on the whole replay buffer with a holdout
-split, early stopping and elite selection; the step function it is given performs the optimizer
-step, so the LightningModule can run it as a phase with manual optimization.
+truncated normal, biases at zero; the log-variance is kept between learned soft bounds.
+``fit_ensemble`` trains on the whole replay buffer with a holdout split, early stopping and elite
+selection; the step function it is given performs the optimizer step (the agent's model phase,
+algorithms/parts/model_phase.py, gives ``Agent.optimize``).
 
 ``step`` is what rollouts use: one forward of all K members gives the sample of one random elite
 per row (reparameterised: gradients reach obs and action) and the One-vs-Rest error

@@ -13,7 +13,7 @@ Evaluation never plans: it always acts with pi_0's mode. It is an option of the 
 algorithms (``ModelBasedAgent.use_coplanner``, which the CLI calls once, when it builds the run,
 after checking the algorithm has a world model); the agent logs ``coplanner/explore_u_chosen``
 and ``coplanner/explore_u_candidates`` (the discounted uncertainty U of the chosen action and the
-candidates' mean) with the train metrics, and ``coplanner/rollout_u_*`` at each rollout refresh.
+candidates' mean) with the train metrics, and ``coplanner/rollout_u_*`` at each branching of model rollouts.
 """
 
 from __future__ import annotations

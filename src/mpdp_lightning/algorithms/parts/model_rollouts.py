@@ -1,9 +1,9 @@
 """MBPO's batches: real transitions mixed with the model's branched rollouts (``BranchedRollouts``;
 SAC and MPDP sample theirs from the real replay alone, ``training/data.drawn``).
 
-Asked twice per update: ``branch`` right after each model fit (fresh rollouts), and
-``mixed_batch`` for the update's batch, which is sampled only then: after this update's env step
-is stored and the model is fitted on it (data.PendingBatch)."""
+Two calls: ``branch`` right after each model fit (fresh rollouts), and ``mixed_batch`` in every
+update, for its batch, which is sampled only then: after this update's env step is stored and the
+model is fitted on it (data.PendingBatch)."""
 
 from __future__ import annotations
 
