@@ -118,3 +118,24 @@ def test_compiling_the_masked_imagination_cuts_its_kernels_by_more_than_half():
     compiled = count_kernels(lambda: bench.policy_phase(compact=False, compiled=True), cpu)
     assert eager.generated == 0 and compiled.generated > 0
     assert compiled.total < eager.total / 2
+
+
+def test_seed_group_bench_reports_each_group_size_against_one_seed(tmp_path, capsys):
+    from mpdp_lightning.benchmarks import seed_group
+
+    out = tmp_path / "seeds.json"
+    seed_group.main(["--task", "inverted_pendulum", "--seeds", "1,2", "--batch", "8", "--repeats", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert list(report["groups"]) == ["1", "2"]
+    one, two = report["groups"]["1"], report["groups"]["2"]
+    assert abs(two["gflop"] - 2 * one["gflop"]) < 1e-9 * max(one["gflop"], 1)  # two seeds' matmuls, counted once each
+    for group in (one, two):
+        assert group["group_ms"] > 0 and group["alone_ms"] > 0
+    assert "seeds | group ms | one seed ms" in capsys.readouterr().out
+
+
+def test_seed_group_bench_refuses_a_bad_size_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "mpdp_lightning.benchmarks.seed_group", "--seeds", "1,x"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --seeds must be comma-separated integers, got '1,x'"]

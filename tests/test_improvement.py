@@ -349,3 +349,15 @@ def test_compiled_steps_give_the_eager_loss_and_gradients(compact):
     for got, want in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(compiled.horizon, eager.horizon)
+
+
+def test_quantiles_are_torchs_bit_for_bit_and_batch_under_vmap():
+    from mpdp_lightning.objectives.h_step_improvement import quantiles
+
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 5, 256, 1000):
+        x = torch.randn(3, rows, generator=g).exp()
+        for q in (0.1, 0.5, 0.9, 1.0):
+            expected = torch.stack([torch.quantile(v, q) for v in x])
+            assert torch.equal(torch.stack([quantiles(v, q)[0] for v in x]), expected)
+            assert torch.equal(torch.func.vmap(lambda v, q=q: quantiles(v, q)[0])(x), expected)

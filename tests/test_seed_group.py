@@ -7,6 +7,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
+from mpdp_lightning.algorithms.mbpo import MBPO
 from mpdp_lightning.algorithms.mpdp import MPDP
 from mpdp_lightning.algorithms.sac import SAC
 from mpdp_lightning.algorithms.seed_group import SeedStreams, stack_agents
@@ -99,10 +100,44 @@ def test_a_non_finite_seed_is_recorded_for_that_seed_only():
         assert all(torch.isfinite(p[position]).all() for p in group.parameters())
 
 
-def test_seeds_must_differ_and_model_based_agents_are_refused_for_now():
+def test_seeds_must_differ_and_mbpo_is_refused_for_now():
     built = [_built(seed) for seed in (0, 0)]
     with pytest.raises(ValueError, match="seeds must differ"):
         stack_agents([a for a, _ in built], (0, 0), [s for _, s in built])
-    mpdp = [MPDP("inverted_pendulum", hidden=16, model_hidden=16) for _ in range(2)]
+    mbpo = [MBPO("inverted_pendulum", hidden=16, model_hidden=16) for _ in range(2)]
     with pytest.raises(ValueError, match="cannot be grouped yet"):
-        stack_agents(mpdp, (0, 1), [torch.get_rng_state()] * 2)
+        stack_agents(mbpo, (0, 1), [torch.get_rng_state()] * 2)
+
+
+def _mpdp_built(seed):
+    torch.manual_seed(seed)
+    agent = MPDP("hopper", hidden=32, model_hidden=32, model_layers=2, horizon=4, head_grad_clip=0.5,
+                 threshold="anchored", compact_rows=False)
+    return agent, torch.get_rng_state()
+
+
+def test_mpdp_seeds_in_a_group_train_bit_identically_to_each_seed_alone():
+    """The H-step improvement through each seed's own world model (its own elites and normaliser),
+    thresholds, horizon counts and clipped head gradients, vmapped: the same bits as alone, with
+    rows masked in both (a group masks them; alone, ``compact_rows`` false)."""
+    seeds, alone = (0, 1), []
+    for seed in seeds:
+        agent, state = _mpdp_built(seed)
+        agent = _with_optimizers(agent)
+        torch.set_rng_state(state)
+        metrics = [agent.update(batch) for batch in _batches(seed)]
+        alone.append((agent, metrics))
+    built = [_mpdp_built(seed) for seed in seeds]
+    group = _with_optimizers(stack_agents([a for a, _ in built], seeds, [s for _, s in built]))
+    assert group.plan.compact_rows is False
+    batches = [_batches(seed) for seed in seeds]
+    group_metrics = [group.update(torch.stack([b[k] for b in batches])) for k in range(UPDATES)]
+    for position, (agent, metrics) in enumerate(alone):
+        for k in range(UPDATES):
+            for name, value in metrics[k].items():
+                assert torch.equal(group_metrics[k][name][position], value), (position, k, name)
+        for name, p in agent.named_parameters():
+            assert torch.equal(group.get_parameter(name)[position], p), (position, name)
+        assert torch.equal(group.h_step.threshold_anchor[position], agent.h_step.threshold_anchor)
+        assert torch.equal(group.h_step.horizon_counts[position], agent.h_step.horizon_counts)
+    assert group_metrics[-1]["train/head_grad_norm"].shape == (2,)

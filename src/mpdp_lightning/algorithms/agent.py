@@ -235,12 +235,14 @@ class Agent(pl.LightningModule):
             return fn(self, *args)
         return self.seed_axis.map(self, fn, args, self.optimizer_groups()[phase][0])
 
+    def draw(self, sample: Callable[[], Any]) -> Any:
+        """``sample()``'s random draws (a tensor, or a tuple of them) from the run's stream; in a
+        group, once per seed from that seed's own stream, stacked on a leading seed axis."""
+        return sample() if self.seed_axis is None else self.seed_axis.streams.draw(sample)
+
     def standard_normal(self, *shape: int) -> torch.Tensor:
-        """A standard normal draw of ``shape`` on the device, from the run's stream (each seed's
-        own in a group, with a leading seed axis)."""
-        if self.seed_axis is None:
-            return torch.randn(shape, device=self.device)
-        return self.seed_axis.streams.draw(lambda: torch.randn(shape, device=self.device))
+        """A standard normal draw of ``shape`` on the device (``draw``)."""
+        return self.draw(lambda: torch.randn(shape, device=self.device))
 
     # ---- optimizer steps: one way, torch's own --------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -288,9 +290,12 @@ class Agent(pl.LightningModule):
         total = None
         if clip is not None or norm:
             params = _parameters_of(optimizer)
-            total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if clip is not None:
-                torch.nn.utils.clip_grads_with_norm_(params, clip, total)
+            if self.seed_axis is not None:  # each seed's own norm and clip
+                total = self.seed_axis.clip_grad_norm_(params, clip)
+            else:
+                total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                if clip is not None:
+                    torch.nn.utils.clip_grads_with_norm_(params, clip, total)
         optimizer.step()
         if loss is not None:
             self.guard.record_finiteness(phase, loss, _parameters_of(optimizer))
@@ -310,7 +315,7 @@ class Agent(pl.LightningModule):
             self._plan = resolve_plan(
                 device, precision, hp.get("cuda_graph"), hp.get("compile"), hp.get("tf32"),
                 has_compiled_parts=self.world_model is not None, compact_rows=hp.get("compact_rows"),
-                imagines=self.h_step is not None,
+                imagines=self.h_step is not None, grouped=self.seed_axis is not None,
             )
         return self._plan
 

@@ -148,14 +148,19 @@ class ExecutionPlan:
 
 def resolve_plan(device: torch.device, precision: str, cuda_graph: Optional[bool], compile: Optional[bool],
                  tf32: Optional[bool], has_compiled_parts: bool, compact_rows: Optional[bool] = None,
-                 imagines: bool = False) -> ExecutionPlan:
+                 imagines: bool = False, grouped: bool = False) -> ExecutionPlan:
     """The plan for an agent on ``device`` at ``precision`` from its options (None: the device's
-    choice); a contradiction is one ``MPDPError`` line naming the option."""
+    choice); a contradiction is one ``MPDPError`` line naming the option. ``grouped``: the agent
+    holds a group of seeds (algorithms/seed_group.py), whose imagined rows are masked: each seed
+    stops its own rows, and vmap needs the same shapes for all."""
     check_precision(precision)
+    if grouped and compact_rows:
+        raise MPDPError("model.compact_rows true: a group of seeds masks the stopped rows (each seed stops its own); "
+                        "leave it unset")
     graph_problem = cuda_graph_problem(device, compact_rows)
     if cuda_graph and graph_problem:
         raise MPDPError(f"model.cuda_graph: {graph_problem}")
-    compacts = (bool(compact_rows) if compact_rows is not None else device.type == "cpu") if imagines else None
+    compacts = (bool(compact_rows) if compact_rows is not None else device.type == "cpu" and not grouped) if imagines else None
     return ExecutionPlan(
         device=device.type,
         precision=str(precision),

@@ -20,15 +20,16 @@ same kernel, rather than ``baddbmm``/``addmm``, whose batching rules take anothe
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-# Parts that the seed axis does not reach yet: their fits and rollouts have per-seed host-side
-# decisions (early stopping, elites, branched rollouts), which need a per-seed mask first.
-UNSUPPORTED_PARTS = ("world_model", "model_phase", "rollouts", "h_step", "explorer", "rollout_planner")
+# Parts that the seed axis does not reach yet: MBPO's branched rollouts (a model replay of its own
+# per seed) and COPlanner's planners (acting through the model). The world model's fit has
+# per-seed host decisions (early stopping, elites) and is refused at fit time (model_phase.py).
+UNSUPPORTED_PARTS = ("rollouts", "explorer", "rollout_planner")
 
 
 class SeedStreams:
@@ -46,8 +47,9 @@ class SeedStreams:
     def __len__(self) -> int:
         return len(self.states)
 
-    def draw(self, sample: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``sample()`` once per seed under that seed's stream, stacked on a leading seed axis."""
+    def draw(self, sample: Callable[[], Any]) -> Any:
+        """``sample()`` (a tensor, or a tuple of them) once per seed under that seed's stream,
+        stacked on a leading seed axis."""
         outer = torch.get_rng_state()
         try:
             draws = []
@@ -57,7 +59,10 @@ class SeedStreams:
                 self.states[seed] = torch.get_rng_state()
         finally:
             torch.set_rng_state(outer)  # whatever runs outside the group keeps its own stream
-        return torch.stack(draws)
+        if isinstance(draws[0], torch.Tensor):
+            return torch.stack(draws)
+        stacked = [torch.stack(parts) for parts in zip(*draws)]
+        return type(draws[0])(*stacked) if hasattr(draws[0], "_fields") else tuple(stacked)
 
     def state_dict(self) -> dict[str, Any]:
         return {"states": [state.clone() for state in self.states]}
@@ -104,6 +109,19 @@ class SeedAxis:
 
         return vmap(one_seed)(state, *args)
 
+    def clip_grad_norm_(self, params: Sequence[torch.Tensor], clip: Optional[float]) -> torch.Tensor:
+        """Each seed's gradient norm over ``params`` [seeds], and with ``clip`` each seed's
+        gradients scaled to at most that norm: torch's ``get_total_norm`` and
+        ``clip_grads_with_norm_`` per seed (the same arithmetic, so the same bits)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        # foreach=False: _foreach_norm has no batching rule (on the CPU, alone takes the same path)
+        total = vmap(lambda *seed_grads: torch.nn.utils.get_total_norm(seed_grads, foreach=False))(*grads)
+        if clip is not None:
+            scale = torch.clamp(clip / (total + 1e-6), max=1.0)
+            for grad in grads:
+                grad.mul_(scale.view(-1, *([1] * (grad.dim() - 1))))
+        return total
+
 
 def stack_agents(agents: Sequence[nn.Module], seeds: Sequence[int], rng_states: Sequence[torch.Tensor]) -> nn.Module:
     """One agent holding ``agents``' states (same class and settings, each built under its seed)
@@ -125,6 +143,7 @@ def stack_agents(agents: Sequence[nn.Module], seeds: Sequence[int], rng_states: 
     for name, value in buffers.items():
         _set(group, name, value.clone())
     group.seed_axis = SeedAxis(seeds, SeedStreams(rng_states))
+    group._plan = None  # resolved again, for a group (rows masked)
     return group
 
 

@@ -1,12 +1,14 @@
 """Cost of N seeds' updates in one group against one seed's update, side by side in one process.
 
-    python -m mpdp_lightning.benchmarks.seed_group [--device cpu] [--seeds 1,2,4,8]
-        [--task walker2d] [--batch 256] [--out seeds.json]        (make bench-seeds ARGS="...")
+    python -m mpdp_lightning.benchmarks.seed_group [--algo sac|mpdp] [--device cpu]
+        [--seeds 1,2,4] [--task walker2d] [--batch 256] [--out seeds.json]   (make bench-seeds ARGS="...")
 
 For each N: the group's update (algorithms/seed_group.py: every phase vmapped over the stacked
 seeds, one Adam step per phase for all) and, interleaved with it, one seed's update alone (the
-module's own ``update``), both on the same shapes (SAC v2, auto temperature, CleanRL's sizes).
-Reported: ms per update, the ratio of the group's time to one seed's (the cost of the group;
+module's own ``update``), both on the same shapes: SAC as conf/algo/sac.yaml builds it (CleanRL's
+sizes, auto temperature), or MPDP at the paper preset's shapes (H 25, 7 members of 4 x 200,
+fixed alpha; its world model unfitted, which changes where rows stop, not what a masked row
+costs: both run rows masked, as a group must). Reported: ms per update, the ratio of the group's time to one seed's (the cost of the group;
 N would mean no gain over running the seeds one after the other), the seeds' env steps per
 second of update time summed over the group relative to one seed's, FLOPs per update
 (torch.utils.flop_counter: the matmuls, forward and backward) and GFLOP/s. On the CPU the update
@@ -26,16 +28,23 @@ import torch
 from tensordict import TensorDict
 from torch.utils.flop_counter import FlopCounterMode
 
+from mpdp_lightning.algorithms.agent import Agent
+from mpdp_lightning.algorithms.mpdp import MPDP
 from mpdp_lightning.algorithms.sac import SAC
 from mpdp_lightning.algorithms.seed_group import stack_agents
 from mpdp_lightning.benchmarks.common import timed
 from mpdp_lightning.envs.tasks import task_spaces
 
 
-def sac_agent(task: str, seed: int, device: torch.device) -> tuple[SAC, torch.Tensor]:
-    """SAC as conf/algo/sac.yaml builds it, under ``seed``, and the generator state after."""
+def build_agent(algo: str, task: str, seed: int, device: torch.device) -> tuple[Agent, torch.Tensor]:
+    """The agent under ``seed`` (see the module's docstring), and the generator state after."""
     torch.manual_seed(seed)
-    agent = SAC(task, critic_lr=1e-3, alpha=1.0, auto_alpha=True).to(device)
+    if algo == "sac":
+        agent = SAC(task, critic_lr=1e-3, alpha=1.0, auto_alpha=True)
+    else:
+        agent = MPDP(task, horizon=25, ensemble_size=7, num_elites=5, model_layers=4, alpha=0.2, auto_alpha=False,
+                     compact_rows=False)
+    agent = agent.to(device)
     optimizers = agent.configure_optimizers()
     agent.optimizers = lambda use_pl_optimizer=True: optimizers
     return agent, torch.get_rng_state()
@@ -61,12 +70,12 @@ def flops_of(fn) -> int:
     return counter.get_total_flops()
 
 
-def bench(task: str, seed_counts: list[int], batch: int, repeats: int, device: torch.device) -> dict:
-    alone, _ = sac_agent(task, 0, device)
+def bench(algo: str, task: str, seed_counts: list[int], batch: int, repeats: int, device: torch.device) -> dict:
+    alone, _ = build_agent(algo, task, 0, device)
     alone_batch = random_batch(task, batch, device)
-    out = {"task": task, "batch": batch, "device": str(device), "groups": {}}
+    out = {"algo": algo, "task": task, "batch": batch, "device": str(device), "groups": {}}
     for n in seed_counts:
-        built = [sac_agent(task, seed, device) for seed in range(n)]
+        built = [build_agent(algo, task, seed, device) for seed in range(n)]
         group = stack_agents([a for a, _ in built], list(range(n)), [s for _, s in built])
         optimizers = group.configure_optimizers()
         group.optimizers = lambda use_pl_optimizer=True, o=optimizers: o
@@ -88,7 +97,7 @@ def bench(task: str, seed_counts: list[int], batch: int, repeats: int, device: t
 
 
 def format_report(report: dict) -> str:
-    lines = [f"SAC update on {report['task']}, batch {report['batch']} per seed, {report['device']}:",
+    lines = [f"{report['algo'].upper()} update on {report['task']}, batch {report['batch']} per seed, {report['device']}:",
              "seeds | group ms | one seed ms | group / one | seeds' throughput / one's | GFLOP | GFLOP/s"]
     for n, r in report["groups"].items():
         lines.append(f"{n:>5} | {r['group_ms']:8.2f} | {r['alone_ms']:11.2f} | {r['time_ratio']:11.2f} | "
@@ -98,6 +107,7 @@ def format_report(report: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algo", choices=("sac", "mpdp"), default="sac")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--task", default="walker2d")
     parser.add_argument("--seeds", default="1,2,4", help="comma-separated group sizes")
@@ -113,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         parser.exit(2, "error: --seeds, --batch and --repeats must be positive\n")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.exit(2, "error: --device cuda, but torch sees no GPU\n")
-    report = bench(args.task, seed_counts, args.batch, args.repeats, torch.device(args.device))
+    report = bench(args.algo, args.task, seed_counts, args.batch, args.repeats, torch.device(args.device))
     print(format_report(report))
     if args.out:
         with open(args.out, "w") as f:

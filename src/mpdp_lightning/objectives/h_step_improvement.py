@@ -101,8 +101,7 @@ class ImprovementSettings:
             raise ValueError(f"penalty_scale must be 'median' or 'none', got {self.penalty_scale!r}")
 
 
-@dataclass
-class ImprovementResult:
+class ImprovementResult(NamedTuple):  # a tuple: vmap (a group of seeds) returns it batched
     loss: torch.Tensor  # -mean J, to minimise
     horizon: torch.Tensor  # [B] model steps each row took (0: stopped by u at its first step)
     stop_reason: torch.Tensor  # [B] 0 threshold, 1 predicted terminal, 2 reached H
@@ -128,6 +127,24 @@ def full_fp32_matmuls() -> Iterator[None]:
         torch.set_float32_matmul_precision(precision)
 
 
+def quantiles(x: torch.Tensor, *qs: float) -> list[torch.Tensor]:
+    """``torch.quantile(x, q)`` (linear interpolation, the same bits) for each q, from one sort;
+    unlike ``torch.quantile`` it has a batching rule, so a group of seeds (vmap) computes each
+    seed's in one kernel rather than one seed after another. Each q enters as a fill on x's device
+    (a Python float: no host-to-device copy, which a CUDA graph could not hold), and the ranks
+    stay on the device."""
+    ordered = x.flatten().sort().values
+    out = []
+    for q in qs:
+        rank = x.new_full((), q) * (ordered.numel() - 1)
+        below = rank.floor().long()
+        above = (below + 1).clamp(max=ordered.numel() - 1)
+        # gathered, not indexed: a 0-dim index tensor would be read on the host
+        at = lambda i: ordered.gather(0, i.reshape(1)).squeeze(0)  # noqa: E731
+        out.append(torch.lerp(at(below), at(above), rank - below))
+    return out
+
+
 def uncertainty_calibration(
     model: GaussianEnsemble,
     obs: torch.Tensor,
@@ -144,9 +161,9 @@ def uncertainty_calibration(
         if settings.threshold == "anchored":
             if anchor is None:
                 raise ValueError("the 'anchored' threshold needs the anchor it holds (a NaN tensor at first)")
-            threshold = torch.where(anchor.isnan(), torch.quantile(u_real, settings.threshold_quantile), anchor)
+            threshold = torch.where(anchor.isnan(), quantiles(u_real, settings.threshold_quantile)[0], anchor)
         elif settings.threshold == "quantile":
-            threshold = torch.quantile(u_real, settings.threshold_quantile)
+            threshold = quantiles(u_real, settings.threshold_quantile)[0]
         else:
             threshold = obs.new_full((), math.exp(settings.log_threshold))  # a fill: no host-to-device copy
         if settings.penalty_scale == "median":
@@ -156,10 +173,9 @@ def uncertainty_calibration(
     return u_real, threshold, scale
 
 
-@dataclass
-class ImaginationNoise:
+class ImaginationNoise(NamedTuple):
     """Every random draw of one improvement, per step and row: a row's rollout depends only on
-    its own draws, whichever rows share its batch."""
+    its own draws, whichever rows share its batch (a tuple: vmap takes it per seed)."""
 
     action: torch.Tensor  # [H, B, act_dim] standard normal of each head's action
     pick: torch.Tensor  # [H, B] which elite (0 .. num_elites - 1) samples the row's model step
@@ -168,13 +184,18 @@ class ImaginationNoise:
 
     @classmethod
     def draw(cls, horizon: int, obs: torch.Tensor, act_dim: int, num_elites: int) -> "ImaginationNoise":
-        batch, out_dim = obs.shape[0], obs.shape[1] + 1
-        like = dict(device=obs.device, dtype=torch.float32)
+        """The draws for start states ``obs`` [B, obs_dim] (their shape and device)."""
+        return cls.for_rows(horizon, obs.shape[-2], obs.shape[-1], act_dim, num_elites, obs.device)
+
+    @classmethod
+    def for_rows(cls, horizon: int, rows: int, obs_dim: int, act_dim: int, num_elites: int,
+                 device: torch.device) -> "ImaginationNoise":
+        like = dict(device=device, dtype=torch.float32)
         return cls(
-            torch.randn(horizon, batch, act_dim, **like),
-            torch.randint(num_elites, (horizon, batch), device=obs.device),
-            torch.randn(horizon, batch, out_dim, **like),
-            torch.randn(batch, act_dim, **like),
+            torch.randn(horizon, rows, act_dim, **like),
+            torch.randint(num_elites, (horizon, rows), device=device),
+            torch.randn(horizon, rows, obs_dim + 1, **like),
+            torch.randn(rows, act_dim, **like),
         )
 
 
@@ -307,7 +328,7 @@ def extended_improvement(
         )
 
     log_u_real = u_real.clamp_min(1e-12).log()
-    quantiles = [torch.quantile(log_u_real, q) for q in (0.1, 0.5, 0.9)]  # float q: no copy to the device
+    q10, q50, q90 = quantiles(log_u_real, 0.1, 0.5, 0.9)
     horizon_f = horizon.float()
     diagnostics = {
         "J": objective.detach().mean(),
@@ -320,9 +341,9 @@ def extended_improvement(
         "u_mean": first_u.mean(),  # u of the first imagined pairs (pi_0 at real states)
         "u_real_mean": u_real.mean(),
         "u_threshold": threshold,
-        "log_u_real_q10": quantiles[0],
-        "log_u_real_q50": quantiles[1],
-        "log_u_real_q90": quantiles[2],
+        "log_u_real_q10": q10,
+        "log_u_real_q50": q50,
+        "log_u_real_q90": q90,
     }
     return ImprovementResult(-objective.mean(), horizon, stop_reason, pi0_log_prob, diagnostics)
 

@@ -19,6 +19,7 @@ class AgentView(Protocol):
     rollout_planner: Any  # COPlanner's conservative UP-MPC, or None
     model_phase: Any  # EnsembleFit, or None
     act_dim: int
+    seed_axis: Any  # SeedAxis of a group of seeds (algorithms/seed_group.py), or None
     plan: ExecutionPlan
     env_steps: int
     trainer: Any

@@ -13,7 +13,7 @@ from tensordict import TensorDictBase
 from torch import nn
 
 from mpdp_lightning.algorithms.parts.agent_view import AgentView
-from mpdp_lightning.objectives.h_step_improvement import ImprovementSettings, extended_improvement
+from mpdp_lightning.objectives.h_step_improvement import ImaginationNoise, ImprovementSettings, extended_improvement
 from mpdp_lightning.objectives.sac_losses import actor_loss
 from mpdp_lightning.training.metrics import log_json_artifact
 
@@ -54,24 +54,33 @@ class HStepImprovement(nn.Module):
         self._sac_windows = 0  # consecutive log windows in which every row stopped at its first step
 
     def improve(self, agent: AgentView, batch: TensorDictBase) -> Improved:
+        obs, action = batch["obs"], batch["action"]
+        settings, compact = self.settings, bool(agent.plan.compact_rows)
+        # every draw up front (a retry after a failed compile sees the same ones)
+        noise = agent.draw(lambda: ImaginationNoise.for_rows(
+            settings.horizon, obs.shape[-2], obs.shape[-1], agent.act_dim, agent.world_model.num_elites, obs.device))
+
         def objective_and_gradients(compiled: bool):
-            result = extended_improvement(
-                agent.actor, agent.critic, agent.world_model, batch["obs"], batch["action"], agent.temperature.alpha,
-                self.settings, self.threshold_anchor, compact=bool(agent.plan.compact_rows), compiled=compiled,
-            )
+            def objective(agent, obs, action, noise):  # one seed's (Agent.per_seed)
+                return extended_improvement(
+                    agent.actor, agent.critic, agent.world_model, obs, action, agent.temperature.alpha, settings,
+                    agent.h_step.threshold_anchor, noise, compact=compact, compiled=compiled,
+                )
+
+            result = agent.per_seed("actor", objective, obs, action, noise)
             agent.compute_gradients("actor", result.loss)  # inside: a compiled step's backward may fail too
             return result
 
         result = agent.plan.run_compiled("the imagined step", objective_and_gradients)
-        if self.settings.threshold == "anchored":
+        if settings.threshold == "anchored":
             self.threshold_anchor.copy_(result.diagnostics["u_threshold"])  # on the device: no sync
         grad_norm = agent.apply_gradients("actor", result.loss, clip=self.head_grad_clip, norm=True)
         # scatter_add rather than bincount, which synchronises with the host on CUDA to size its output
-        self.horizon_counts.scatter_add_(0, result.horizon, torch.ones_like(result.horizon))
+        self.horizon_counts.scatter_add_(-1, result.horizon, torch.ones_like(result.horizon))
         metrics = {f"train/{name}": value for name, value in result.diagnostics.items()}
         metrics.update({
             "train/actor_loss": result.loss.detach(),
-            "train/entropy": -result.pi0_log_prob.mean(),
+            "train/entropy": -result.pi0_log_prob.mean(-1),
             "train/head_grad_norm": grad_norm,
         })
         return metrics, result.pi0_log_prob

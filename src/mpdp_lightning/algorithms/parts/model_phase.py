@@ -12,6 +12,7 @@ import torch
 from tensordict import TensorDictBase
 
 from mpdp_lightning.algorithms.parts.agent_view import AgentView
+from mpdp_lightning.errors import MPDPError
 from mpdp_lightning.models.world_model import FitReport, fit_ensemble
 from mpdp_lightning.training.clock import passed_multiple
 from mpdp_lightning.training.metrics import log_metrics
@@ -37,6 +38,9 @@ class EnsembleFit:
     def fit_world_model(self, agent: AgentView) -> dict[str, float]:
         """Fit the ensemble on every stored transition with the "model" optimizer; log model/*."""
         start = time.perf_counter()
+        if agent.seed_axis is not None:
+            raise MPDPError("a group of seeds cannot fit its world models yet (each seed stops early and picks "
+                            "its elites on the host); run model-based seeds one per process")
         datamodule = agent.trainer.datamodule
         metrics: dict[str, float] = {}
         if self.trained_at is not None:  # Fig. 3: error on transitions the model has not seen
