@@ -353,7 +353,7 @@ def test_mbpo_trains_on_its_rollouts_and_logs_them(in_tmp, monkeypatch):
 
 def test_a_resumed_mbpo_run_branches_its_rollouts_again_before_its_first_update(in_tmp):
     # the model replay is not in the checkpoint: the resumed run branches new rollouts from the
-    # restored model at its first update, not only at the next fit
+    # restored model when training starts (at the checkpoint's env step), not only at the next fit
     args = ("--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL, "--model.model_max_epochs", "2",
             "--model.rollout_batch_size", "200")
     main(fit_args("hopper", 150, *args, algo="mbpo"))
@@ -361,8 +361,8 @@ def test_a_resumed_mbpo_run_branches_its_rollouts_again_before_its_first_update(
     main(fit_args("hopper", 250, *args, "--ckpt_path", str(folder / "last.ckpt"), algo="mbpo"))
     client = MlflowClient(tracking_uri())
     run_id = _only_run(client).info.run_id
-    assert _steps(client, run_id, "mbpo/rollout_length") == [101, 151, 200]
-    assert _steps(client, run_id, "model/holdout_mse") == [101, 200]  # the model itself was not refitted at 151
+    assert _steps(client, run_id, "mbpo/rollout_length") == [101, 150, 200]
+    assert _steps(client, run_id, "model/holdout_mse") == [101, 200]  # the model itself was not refitted at 150
 
 
 def test_an_mbpo_checkpoint_from_before_issue_19_resumes_with_the_settings_it_was_trained_with(in_tmp):

@@ -40,6 +40,7 @@ from mpdp_lightning.training.callbacks import (  # noqa: E402
     EnvInteraction, EnvStepCheckpoint, EnvStepProgressBar, Evaluation, EvaluationVideo,
 )
 from mpdp_lightning.training.callbacks.checkpointing import LAST, default_checkpoint_dir  # noqa: E402
+from mpdp_lightning.training.callbacks.env_interaction import resolved_warmup  # noqa: E402
 from mpdp_lightning.training.callbacks.progress import find_callback  # noqa: E402
 from mpdp_lightning.training.checkpoint_io import read_checkpoint_header  # noqa: E402
 from mpdp_lightning.training.data import ReplayDataModule  # noqa: E402
@@ -163,16 +164,13 @@ class MPDPCLI(LightningCLI):
                 raise MPDPError(f"coplanner.enabled: COPlanner plans with a world model, which {name} has not; "
                                 f"use an algorithm with one (mbpo, mpdp)")
         interaction = config.env_interaction
-        warmup = interaction.warmup_steps
-        if warmup is None:  # the algorithm's own for the task
-            module, _, name = str(config.model.class_path).rpartition(".")
-            default = getattr(getattr(import_module(module), name), "default_warmup_steps_for", None)
-            warmup = default(config.task) if default is not None else None
-        if warmup is not None and warmup >= interaction.total_env_steps:
-            raise MPDPError(
-                f"env_interaction.warmup_steps ({warmup}{'' if interaction.warmup_steps else ', the default of the algorithm'}) "
-                f"must be below env_interaction.total_env_steps ({interaction.total_env_steps})"
-            )
+        module, _, name = str(config.model.class_path).rpartition(".")
+        algorithm = getattr(import_module(module), name)
+        if hasattr(algorithm, "default_warmup_steps_for"):  # an agent: its warm-up must end before the run
+            try:
+                resolved_warmup(interaction.warmup_steps, algorithm, config.task, interaction.total_env_steps)
+            except ValueError as error:
+                raise MPDPError(str(error)) from None
 
     def instantiate_classes(self) -> None:
         """Everything but the logger first (model, data, callbacks, trainer: their own checks, the

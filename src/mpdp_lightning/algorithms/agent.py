@@ -143,6 +143,7 @@ class Agent(pl.LightningModule):
 
         self.env_steps = 0
         self.updates = 0
+        self.warmup_steps = 0  # the run's warm-up, as EnvInteraction resolved it (resolve_defaults)
         self._plan: Optional[ExecutionPlan] = None  # execution_plan()'s, per device and precision
         self.captured_update: Optional[CapturedUpdate] = None
         self.train_metrics = MetricAccumulator()
@@ -158,8 +159,6 @@ class Agent(pl.LightningModule):
                 self.model_phase.fit_world_model(self)
                 if self.rollouts is not None:  # MBPO: fresh rollouts from the new model
                     self.rollouts.branch(self)
-        elif self.rollouts is not None and self.rollouts.model_replay is None and self.model_phase.trained_at is not None:
-            self.rollouts.branch(self)  # a resumed MBPO run: its model is restored, not its rollouts
         if self.rollouts is not None:  # MBPO: real_ratio real, the rest model transitions
             batch = self.rollouts.mixed_batch(self, batch)
         else:  # SAC, MPDP: real transitions
@@ -340,12 +339,11 @@ class Agent(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.rollouts is not None and self.rollouts.schedule_start is None:
             # MBPO's schedule: epoch 0 starts after the initial exploration, as in its code
-            from mpdp_lightning.training.callbacks.env_interaction import EnvInteraction
-
-            interaction = next((cb for cb in self.trainer.callbacks if isinstance(cb, EnvInteraction)), None)
-            self.rollouts.schedule_start = int(interaction.warmup_steps) if interaction is not None else 0
+            self.rollouts.schedule_start = self.warmup_steps
 
     def on_train_start(self) -> None:
+        if self.rollouts is not None and self.model_phase.trained_at is not None and self.rollouts.model_replay is None:
+            self.rollouts.branch(self)  # a resumed MBPO run: its model and buffer are restored, not its rollouts
         # A resumed run's optimizers come with the param groups of the device they were saved on
         # (capturable on a GPU with a graph); a capture needs the flag, an eager run goes without.
         capturable = self.captured_update is not None
@@ -415,7 +413,7 @@ class Agent(pl.LightningModule):
         """Means of the train metrics and phase times since the last log point (one host sync)."""
         metrics = {**self.train_metrics.pop_means(), **self.timer.pop_means()}
         if self.h_step is not None:  # MPDP: the horizon histogram, and whether it became SAC
-            self.h_step.end_window(self, metrics)
+            self.h_step.end_window(self.env_steps, metrics, self._trainer)
         return metrics
 
     def raise_if_not_finite(self, when: str = "", scan_parameters: bool = False) -> None:

@@ -27,7 +27,6 @@ from mpdp_lightning.algorithms.model_based import ModelBasedAgent
 from mpdp_lightning.algorithms.parts.model_rollouts import BranchedRollouts
 from mpdp_lightning.envs.tasks import get_task
 from mpdp_lightning.planners.branched_rollouts import RolloutSchedule
-from mpdp_lightning.training.model_replay import split_batch
 
 
 @dataclass(frozen=True)
@@ -99,18 +98,19 @@ class MBPO(ModelBasedAgent):
             raise ValueError(f"rollout_schedule is [min_epoch, max_epoch, min_length, max_length], got {list(schedule)}")
         entropy = settings.target_entropy if target_entropy is None else target_entropy
         train_every = settings.model_train_every if model_train_every is None else model_train_every
-        split_batch(1, real_ratio)  # a ratio outside [0, 1] fails here, before any net is built
-        super().__init__(task, *args, target_entropy=entropy, model_train_every=train_every, **kwargs)
         epochs = settings.epoch_length if epoch_length is None else int(epoch_length)
         retain = float(settings.retain_epochs if retain_epochs is None else retain_epochs)
         starts = int(settings.rollout_batch_size if rollout_batch_size is None else rollout_batch_size)
+        # built first: a real_ratio outside [0, 1] fails here, before any net is built
+        rollouts = BranchedRollouts(RolloutSchedule(*(int(x) for x in schedule), epoch_length=epochs), starts,
+                                    int(train_every), retain, real_ratio)
+        super().__init__(task, *args, target_entropy=entropy, model_train_every=train_every, **kwargs)
         # the hyperparameters as resolved: the arguments' None would hide the task's values
         self.hparams.update(
             rollout_batch_size=starts, rollout_schedule=[int(x) for x in schedule], epoch_length=epochs,
             retain_epochs=retain, target_entropy=float(entropy), model_train_every=int(train_every),
         )
-        self.rollouts = BranchedRollouts(RolloutSchedule(*(int(x) for x in schedule), epoch_length=epochs), starts,
-                                        int(train_every), retain, real_ratio)
+        self.rollouts = rollouts
 
     @classmethod
     def default_warmup_steps_for(cls, task: str) -> int:

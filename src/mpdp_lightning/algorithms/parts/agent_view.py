@@ -17,14 +17,12 @@ class AgentView(Protocol):
     temperature: Any  # Temperature
     world_model: Any  # GaussianEnsemble (the model-based agents)
     rollout_planner: Any  # COPlanner's conservative UP-MPC, or None
-    model_phase: Any  # EnsembleFit, or None
     act_dim: int
     seed_axis: Any  # SeedAxis of a group of seeds (algorithms/seed_group.py), or None
     plan: ExecutionPlan
     env_steps: int
     trainer: Any
     device: torch.device
-    _trainer: Any
 
     def per_seed(self, phase: str, fn: Callable[..., Any], *args: Any) -> Any: ...
 

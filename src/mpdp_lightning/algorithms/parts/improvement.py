@@ -85,15 +85,15 @@ class HStepImprovement(nn.Module):
         })
         return metrics, result.pi0_log_prob
 
-    def end_window(self, agent: AgentView, metrics: dict[str, float]) -> None:
+    def end_window(self, env_steps: int, metrics: dict[str, float], trainer: Optional[Any]) -> None:
         """Adds the window's horizon histogram to ``horizon_histogram.json`` ({env step: rows per
-        horizon 0..H}), and warns when every imagined row keeps stopping at its first step: MPDP
-        has then become SAC."""
+        horizon 0..H}; ``trainer``'s loggers, none outside a Trainer), and warns when every
+        imagined row keeps stopping at its first step: MPDP has then become SAC."""
         counts = self.horizon_counts.tolist()
         self.horizon_counts.zero_()
-        if sum(counts) and agent._trainer is not None:
-            self.horizon_history[agent.env_steps] = counts
-            log_json_artifact(agent.trainer, {str(k): v for k, v in self.horizon_history.items()}, "horizon_histogram.json")
+        if sum(counts) and trainer is not None:
+            self.horizon_history[env_steps] = counts
+            log_json_artifact(trainer, {str(k): v for k, v in self.horizon_history.items()}, "horizon_histogram.json")
         if metrics.get("train/stopped_at_first_step") == 1.0:
             self._sac_windows += 1
             if self._sac_windows == 3:

@@ -45,6 +45,7 @@ class BranchedRollouts:
         self.model_train_every = model_train_every
         self.retain_epochs = retain_epochs
         self.real_ratio = real_ratio
+        self._split = (0, *split_batch(0, real_ratio))  # (batch size, real rows, model rows); checks the ratio
         self.model_replay: Optional[ModelReplay] = None
         self.schedule_start: Optional[int] = None
 
@@ -103,7 +104,9 @@ class BranchedRollouts:
         first rollouts exist)."""
         if not isinstance(batch, PendingBatch) or self.model_replay is None or len(self.model_replay) == 0:
             return drawn(batch)
-        n_real, n_model = split_batch(batch.batch_size, self.real_ratio)
+        if self._split[0] != batch.batch_size:  # once per batch size, not per update
+            self._split = (batch.batch_size, *split_batch(batch.batch_size, self.real_ratio))
+        _, n_real, n_model = self._split
         parts = [uniform_sample(batch.buffer, n_real)] if n_real else []
         if n_model:
             parts.append(self.model_replay.sample_batch(n_model))

@@ -26,6 +26,22 @@ from mpdp_lightning.envs.stepping import step_envs
 from mpdp_lightning.envs.tasks import make_env
 
 
+def resolved_warmup(warmup_steps: Optional[int], algorithm: type, task: str, total_env_steps: int) -> int:
+    """The run's warm-up: ``warmup_steps``, or when None the algorithm's own for the task
+    (``default_warmup_steps_for``); a ValueError naming the option when it does not end before
+    ``total_env_steps`` (the CLI asks before any work, the callback when the run is set up)."""
+    warmup = algorithm.default_warmup_steps_for(task) if warmup_steps is None else int(warmup_steps)
+    _check_warmup(warmup, total_env_steps, given=warmup_steps is not None)
+    return warmup
+
+
+def _check_warmup(warmup: int, total_env_steps: int, given: bool) -> None:
+    if warmup >= total_env_steps:
+        default = "" if given else ", the default of the algorithm"
+        raise ValueError(f"env_interaction.warmup_steps ({warmup}{default}) must be below "
+                         f"env_interaction.total_env_steps ({total_env_steps})")
+
+
 def global_seed() -> int:
     """The seed that LightningCLI's ``seed_everything`` chose (0 when none was set)."""
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -64,8 +80,8 @@ class EnvInteraction(Callback):
         ).items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if warmup_steps is not None and warmup_steps >= total_env_steps:
-            raise ValueError(f"warmup_steps ({warmup_steps}) must be below total_env_steps ({total_env_steps})")
+        if warmup_steps is not None:  # the algorithm's default is checked once it is known (resolve_defaults)
+            _check_warmup(warmup_steps, total_env_steps, given=True)
         if warmup_policy not in ("random", "policy"):
             raise ValueError(f"warmup_policy must be random or policy, got {warmup_policy!r}")
         self.total_env_steps = int(total_env_steps)
@@ -87,11 +103,8 @@ class EnvInteraction(Callback):
     def resolve_defaults(self, pl_module: pl.LightningModule) -> None:
         """The warm-up and the updates per env step left to the algorithm: its own for the task
         (the CLI calls this before logging the config, so the run's params hold the values used)."""
-        if self.warmup_steps is None:
-            self.warmup_steps = type(pl_module).default_warmup_steps_for(pl_module.task)
-            if self.warmup_steps >= self.total_env_steps:
-                raise ValueError(f"the warm-up ({self.warmup_steps} env steps) must be below total_env_steps "
-                                 f"({self.total_env_steps}): give --env_interaction.warmup_steps")
+        self.warmup_steps = resolved_warmup(self.warmup_steps, type(pl_module), pl_module.task, self.total_env_steps)
+        pl_module.warmup_steps = self.warmup_steps  # the run's: MBPO's rollout schedule counts from its end
         if self.updates_per_env_step is None:
             self.updates_per_env_step = pl_module.default_updates_per_env_step()
 
