@@ -75,16 +75,20 @@ def test_a_groups_random_streams_are_each_seeds_own_and_leave_the_global_one_alo
     states = []
     for seed in SEEDS:
         torch.manual_seed(seed)
+        torch.randn(3)  # what building the agent drew
         states.append(torch.get_rng_state())
-    streams = SeedStreams(states)
+    streams = SeedStreams(SEEDS, states)
     torch.manual_seed(1234)
     outer = torch.get_rng_state()
-    first, second = streams.draw(lambda: torch.randn(5)), streams.draw(lambda: torch.randn(2))
+    first = streams.draw(lambda g: torch.randn(5, generator=g))
+    second = streams.draw(lambda g: (torch.randn(2, generator=g), torch.randint(9, (4,), generator=g)))
     assert torch.equal(torch.get_rng_state(), outer)
     for position, seed in enumerate(SEEDS):
         torch.manual_seed(seed)
+        torch.randn(3)
         assert torch.equal(first[position], torch.randn(5))
-        assert torch.equal(second[position], torch.randn(2))
+        assert torch.equal(second[0][position], torch.randn(2))
+        assert torch.equal(second[1][position], torch.randint(9, (4,)))
 
 
 def test_a_non_finite_seed_is_recorded_for_that_seed_only():

@@ -234,14 +234,15 @@ class Agent(pl.LightningModule):
             return fn(self, *args)
         return self.seed_axis.map(self, fn, args, self.optimizer_groups()[phase][0])
 
-    def draw(self, sample: Callable[[], Any]) -> Any:
-        """``sample()``'s random draws (a tensor, or a tuple of them) from the run's stream; in a
-        group, once per seed from that seed's own stream, stacked on a leading seed axis."""
-        return sample() if self.seed_axis is None else self.seed_axis.streams.draw(sample)
+    def draw(self, sample: Callable[[Optional[torch.Generator]], Any]) -> Any:
+        """``sample(generator)``'s random draws (a tensor, or a tuple of them): alone with the
+        default generator (None); in a group once per seed with that seed's own generator,
+        stacked on a leading seed axis."""
+        return sample(None) if self.seed_axis is None else self.seed_axis.streams.draw(sample)
 
     def standard_normal(self, *shape: int) -> torch.Tensor:
         """A standard normal draw of ``shape`` on the device (``draw``)."""
-        return self.draw(lambda: torch.randn(shape, device=self.device))
+        return self.draw(lambda generator: torch.randn(shape, device=self.device, generator=generator))
 
     # ---- optimizer steps: one way, torch's own --------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

@@ -9,8 +9,9 @@ seed: Adam on stacked parameters, the Polyak average, and a backward of the summ
 losses (no parameter is shared, so each seed's gradient is its own loss's).
 
 Nothing is pooled across seeds: each has its own initialisation (built under its own seed, as a
-run alone would be), its own random stream (``SeedStreams``: the global generator's state a run
-alone would have, swapped in for each seed's draws), its own temperature and its own NaN record.
+run alone would be), its own random stream (``SeedStreams``: a generator per seed holding what a
+run alone would hold; ``Agent.draw`` names it in every draw), its own temperature and its own NaN
+record.
 On the CPU a seed in a group gets bit-identical losses and weights to the same seed alone
 (tests/test_seed_group.py): the batched MLP block uses ``bmm`` + bias, whose vmapped form is the
 same kernel, rather than ``baddbmm``/``addmm``, whose batching rules take another path for a
@@ -33,42 +34,50 @@ UNSUPPORTED_PARTS = ("rollouts", "explorer", "rollout_planner")
 
 
 class SeedStreams:
-    """Each seed's random stream, as the global CPU generator a run of that seed alone would hold.
+    """Each seed's random stream: a generator per seed on the device the draws are made on,
+    holding what the default generator of a run of that seed alone would hold, so seed s sees
+    exactly the numbers it would see alone, in the same order (JAX's explicit keys, in torch's
+    terms: every draw names its generator).
 
-    ``draw`` swaps each seed's generator state in, draws, and keeps the advanced state, so seed s
-    sees exactly the numbers it would see alone, in the same order (the state is 5 KB: a swap is
-    a copy). Args: ``states``: each seed's ``torch.get_rng_state()`` at the point where the group
-    takes over (after its agent was built under its seed).
+    Args:
+        seeds: the group's seeds.
+        cpu_states: each seed's ``torch.get_rng_state()`` where the group takes over (after its
+            agent was built under its seed): the CPU streams go on from there.
+        device: where the draws are made. On CUDA each seed's generator starts as
+            ``torch.cuda.manual_seed(seed)`` leaves the device's (the nets are built on the CPU,
+            so a run alone has drawn nothing on the device before its first update).
     """
 
-    def __init__(self, states: Sequence[torch.Tensor]) -> None:
-        self.states = [state.clone() for state in states]
+    def __init__(self, seeds: Sequence[int], cpu_states: Sequence[torch.Tensor],
+                 device: torch.device = torch.device("cpu")) -> None:
+        self.device = torch.device(device)
+        self.generators = []
+        for seed, state in zip(seeds, cpu_states):
+            generator = torch.Generator(self.device)
+            if self.device.type == "cpu":
+                generator.set_state(state)
+            else:
+                generator.manual_seed(seed)
+            self.generators.append(generator)
 
     def __len__(self) -> int:
-        return len(self.states)
+        return len(self.generators)
 
-    def draw(self, sample: Callable[[], Any]) -> Any:
-        """``sample()`` (a tensor, or a tuple of them) once per seed under that seed's stream,
-        stacked on a leading seed axis."""
-        outer = torch.get_rng_state()
-        try:
-            draws = []
-            for seed, state in enumerate(self.states):
-                torch.set_rng_state(state)
-                draws.append(sample())
-                self.states[seed] = torch.get_rng_state()
-        finally:
-            torch.set_rng_state(outer)  # whatever runs outside the group keeps its own stream
+    def draw(self, sample: Callable[[torch.Generator], Any]) -> Any:
+        """``sample(generator)`` (a tensor, or a tuple of them) once per seed with that seed's
+        generator, stacked on a leading seed axis."""
+        draws = [sample(generator) for generator in self.generators]
         if isinstance(draws[0], torch.Tensor):
             return torch.stack(draws)
         stacked = [torch.stack(parts) for parts in zip(*draws)]
         return type(draws[0])(*stacked) if hasattr(draws[0], "_fields") else tuple(stacked)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"states": [state.clone() for state in self.states]}
+        return {"states": [generator.get_state() for generator in self.generators]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.states = [s.clone() for s in state["states"]]
+        for generator, saved in zip(self.generators, state["states"]):
+            generator.set_state(saved)
 
 
 class _SeedCall(nn.Module):
@@ -124,9 +133,9 @@ class SeedAxis:
 
 
 def stack_agents(agents: Sequence[nn.Module], seeds: Sequence[int], rng_states: Sequence[torch.Tensor]) -> nn.Module:
-    """One agent holding ``agents``' states (same class and settings, each built under its seed)
-    stacked on a leading seed axis, with ``seed_axis`` set. ``rng_states``: each seed's global
-    generator state once its agent was built, where its random stream continues."""
+    """One agent holding ``agents``' states (same class and settings, each built under its seed,
+    all on one device) stacked on a leading seed axis, with ``seed_axis`` set. ``rng_states``: each
+    seed's CPU generator state once its agent was built, where its random stream continues."""
     if not len(agents) == len(seeds) == len(rng_states) or not agents:
         raise ValueError(f"need one agent and one generator state per seed, got {len(agents)} agents, "
                          f"{len(seeds)} seeds and {len(rng_states)} states")
@@ -142,7 +151,7 @@ def stack_agents(agents: Sequence[nn.Module], seeds: Sequence[int], rng_states: 
         _set(group, name, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
     for name, value in buffers.items():
         _set(group, name, value.clone())
-    group.seed_axis = SeedAxis(seeds, SeedStreams(rng_states))
+    group.seed_axis = SeedAxis(seeds, SeedStreams(seeds, rng_states, group.device))
     group._plan = None  # resolved again, for a group (rows masked)
     return group
 

@@ -189,11 +189,12 @@ class ImaginationNoise(NamedTuple):
 
     @classmethod
     def for_rows(cls, horizon: int, rows: int, obs_dim: int, act_dim: int, num_elites: int,
-                 device: torch.device) -> "ImaginationNoise":
-        like = dict(device=device, dtype=torch.float32)
+                 device: torch.device, generator: Optional[torch.Generator] = None) -> "ImaginationNoise":
+        """The draws for ``rows`` start states, from ``generator`` (None: the default one)."""
+        like = dict(device=device, dtype=torch.float32, generator=generator)
         return cls(
             torch.randn(horizon, rows, act_dim, **like),
-            torch.randint(num_elites, (horizon, rows), device=device),
+            torch.randint(num_elites, (horizon, rows), device=device, generator=generator),
             torch.randn(horizon, rows, obs_dim + 1, **like),
             torch.randn(rows, act_dim, **like),
         )

@@ -57,8 +57,9 @@ class HStepImprovement(nn.Module):
         obs, action = batch["obs"], batch["action"]
         settings, compact = self.settings, bool(agent.plan.compact_rows)
         # every draw up front (a retry after a failed compile sees the same ones)
-        noise = agent.draw(lambda: ImaginationNoise.for_rows(
-            settings.horizon, obs.shape[-2], obs.shape[-1], agent.act_dim, agent.world_model.num_elites, obs.device))
+        noise = agent.draw(lambda generator: ImaginationNoise.for_rows(
+            settings.horizon, obs.shape[-2], obs.shape[-1], agent.act_dim, agent.world_model.num_elites, obs.device,
+            generator))
 
         def objective_and_gradients(compiled: bool):
             def objective(agent, obs, action, noise):  # one seed's (Agent.per_seed)
