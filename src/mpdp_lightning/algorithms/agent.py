@@ -225,14 +225,16 @@ class Agent(pl.LightningModule):
             return None
 
     # ---- one seed's computations, and the seed axis ---------------------------------------------
-    def per_seed(self, phase: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def per_seed(self, phase: Optional[str], fn: Callable[..., Any], *args: Any, batched: bool = True) -> Any:
         """``fn(agent, *args)``, a computation of one seed's nets whose gradients go to ``phase``'s
-        parameters alone: on this agent as it is, or, holding a group of seeds, for every seed at
-        once (vmapped over the stacked state: each of ``args`` and each result with a leading seed
-        axis; algorithms/seed_group.py)."""
+        parameters alone (None: to none, e.g. acting): on this agent as it is, or, holding a group
+        of seeds, for every seed (each of ``args`` and each result with a leading seed axis, None
+        passed as it is): at once, vmapped over the stacked state, or with ``batched`` false one
+        seed after another (``SeedAxis.map``, algorithms/seed_group.py)."""
         if self.seed_axis is None:
             return fn(self, *args)
-        return self.seed_axis.map(self, fn, args, self.optimizer_groups()[phase][0])
+        trainable = self.optimizer_groups()[phase][0] if phase is not None else ()
+        return self.seed_axis.map(self, fn, args, trainable, batched)
 
     def draw(self, sample: Callable[[Optional[torch.Generator]], Any]) -> Any:
         """``sample(generator)``'s random draws (a tensor, or a tuple of them): alone with the
@@ -359,9 +361,15 @@ class Agent(pl.LightningModule):
                         state["step"] = state["step"].to(p.device, torch.float32)
 
     # ---- acting (the callbacks') -------------------------------------------------------------
+    @torch.no_grad()
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-        """pi_0's action for a batch of observations, in the environment's units."""
-        return self.actor.act(obs, deterministic)
+        """pi_0's action for a batch of observations [n, obs_dim], in the environment's units; in
+        a group, each seed's for its own [seeds, n, obs_dim], with its own noise, one seed after
+        another: a few rows each, exact to the seed alone on the CPU (``SeedAxis.map``), and cheap
+        beside the updates between two env steps."""
+        noise = None if deterministic else self.standard_normal(obs.shape[-2], self.act_dim)
+        return self.per_seed(None, lambda agent, obs, noise: agent.actor.act(obs, deterministic, noise=noise),
+                             obs, noise, batched=False)
 
     def explore(self, obs: torch.Tensor) -> torch.Tensor:
         """The training environment's action: pi_0's sample, or with an explorer (COPlanner) and a

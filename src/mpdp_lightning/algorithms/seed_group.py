@@ -66,11 +66,7 @@ class SeedStreams:
     def draw(self, sample: Callable[[torch.Generator], Any]) -> Any:
         """``sample(generator)`` (a tensor, or a tuple of them) once per seed with that seed's
         generator, stacked on a leading seed axis."""
-        draws = [sample(generator) for generator in self.generators]
-        if isinstance(draws[0], torch.Tensor):
-            return torch.stack(draws)
-        stacked = [torch.stack(parts) for parts in zip(*draws)]
-        return type(draws[0])(*stacked) if hasattr(draws[0], "_fields") else tuple(stacked)
+        return _stacked([sample(generator) for generator in self.generators])
 
     def state_dict(self) -> dict[str, Any]:
         return {"states": [generator.get_state() for generator in self.generators]}
@@ -103,11 +99,18 @@ class SeedAxis:
     def __len__(self) -> int:
         return len(self.seeds)
 
-    def map(self, agent: nn.Module, fn: Callable[..., Any], args: Sequence[Any], trainable: Sequence[torch.Tensor]) -> Any:
-        """``fn(agent, *args)`` for every seed at once; each of ``args`` has a leading seed axis,
-        and so has every tensor that ``fn`` returns. Parameters outside ``trainable`` enter
-        detached: gradients flow through them, never into them (``frozen`` then has nothing to
-        freeze, which it could not do to a slice)."""
+    def map(self, agent: nn.Module, fn: Callable[..., Any], args: Sequence[Any], trainable: Sequence[torch.Tensor],
+            batched: bool = True) -> Any:
+        """``fn(agent, *args)`` for every seed; each of ``args`` (a tensor, or None) has a leading
+        seed axis, and so has every tensor that ``fn`` returns. Parameters outside ``trainable``
+        enter detached: gradients flow through them, never into them (``frozen`` then has nothing
+        to freeze, which it could not do to a slice).
+
+        ``batched``: all seeds at once, vmapped; else one seed after another, each on its own
+        slices, as it would run alone. The CPU's vectorised elementwise kernels (exp, tanh) round
+        an element by its offset in the tensor (the vector loop or its scalar tail), so a seed whose
+        share of a stacked tensor is not a whole number of vector chunks (a few rows, as in acting)
+        can differ in the last bit from the seed alone; one by one never does."""
         call = _SeedCall(agent)
         trainable_ids = {id(p) for p in trainable}
         state = {f"agent.{name}": (p if id(p) in trainable_ids else p.detach()) for name, p in agent.named_parameters()}
@@ -116,7 +119,13 @@ class SeedAxis:
         def one_seed(seed_state: dict[str, torch.Tensor], *seed_args: Any) -> Any:
             return functional_call(call, seed_state, (fn, *seed_args), strict=True)
 
-        return vmap(one_seed)(state, *args)
+        if not batched:
+            return _stacked([
+                one_seed({name: value[s] for name, value in state.items()}, *(None if a is None else a[s] for a in args))
+                for s in range(len(self))
+            ])
+        in_dims = (0, *(None if arg is None else 0 for arg in args))  # None (no draw) goes in as it is
+        return vmap(one_seed, in_dims=in_dims)(state, *args)
 
     def clip_grad_norm_(self, params: Sequence[torch.Tensor], clip: Optional[float]) -> torch.Tensor:
         """Each seed's gradient norm over ``params`` [seeds], and with ``clip`` each seed's
@@ -154,6 +163,14 @@ def stack_agents(agents: Sequence[nn.Module], seeds: Sequence[int], rng_states: 
     group.seed_axis = SeedAxis(seeds, SeedStreams(seeds, rng_states, group.device))
     group._plan = None  # resolved again, for a group (rows masked)
     return group
+
+
+def _stacked(items: Sequence[Any]) -> Any:
+    """Per-seed results (tensors, or tuples of them) stacked on a leading seed axis."""
+    if isinstance(items[0], torch.Tensor):
+        return torch.stack(list(items))
+    stacked = [torch.stack(parts) for parts in zip(*items)]
+    return type(items[0])(*stacked) if hasattr(items[0], "_fields") else tuple(stacked)
 
 
 def _set(root: nn.Module, name: str, value: torch.Tensor) -> None:

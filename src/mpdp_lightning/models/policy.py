@@ -89,12 +89,14 @@ class SquashedGaussianHeads(nn.Module):
         return action, (log_prob - log_abs_det).sum(dim=-1)
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, deterministic: bool = False, head: int = 0) -> torch.Tensor:
+    def act(self, obs: torch.Tensor, deterministic: bool = False, head: int = 0,
+            noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Head ``head``'s action (pi_0's for acting in the environment): its mode if
-        deterministic, else a sample (without the log-probability, which acting does not need)."""
+        deterministic, else a sample (without the log-probability, which acting does not need)
+        with the standard normal draw ``noise`` [B, act_dim] (drawn here when None)."""
         mean, log_std = self.distribution_params(obs, head)
         if not deterministic:
-            mean = mean + torch.randn_like(mean) * log_std.exp()
+            mean = mean + (torch.randn_like(mean) if noise is None else noise) * log_std.exp()
         return torch.tanh(mean) * self.action_scale + self.action_bias
 
 
