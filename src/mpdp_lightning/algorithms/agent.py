@@ -242,6 +242,10 @@ class Agent(pl.LightningModule):
         stacked on a leading seed axis."""
         return sample(None) if self.seed_axis is None else self.seed_axis.streams.draw(sample)
 
+    def seed_generators(self) -> tuple[torch.Generator, ...]:
+        """A group's per-seed generators (which a CUDA graph must register); none alone."""
+        return () if self.seed_axis is None else tuple(self.seed_axis.streams.generators)
+
     def standard_normal(self, *shape: int) -> torch.Tensor:
         """A standard normal draw of ``shape`` on the device (``draw``)."""
         return self.draw(lambda generator: torch.randn(shape, device=self.device, generator=generator))
@@ -337,7 +341,7 @@ class Agent(pl.LightningModule):
             torch.set_float32_matmul_precision("high")
         # a fresh capture each fit: a graph holds the optimizers it was captured with, and
         # configure_optimizers builds new ones (and another device's plan may have none)
-        self.captured_update = CapturedUpdate(self.update) if plan.cuda_graph else None  # wraps it from outside
+        self.captured_update = CapturedUpdate(self.update, generators=self.seed_generators()) if plan.cuda_graph else None
 
     def on_fit_start(self) -> None:
         if self.rollouts is not None and self.rollouts.schedule_start is None:

@@ -25,7 +25,7 @@ whose state a captured graph advances at every replay.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from tensordict import TensorDictBase
@@ -58,13 +58,17 @@ class CapturedUpdate:
     Args:
         update: one whole update on a batch, returning detached scalar metrics.
         warmup: eager calls before the capture (at least 1).
+        generators: CUDA generators other than the device's default that the update draws from
+            (a group of seeds' own streams, algorithms/seed_group.py), registered with the graph
+            so that each replay advances them as an eager update would.
     """
 
-    def __init__(self, update: Update, warmup: int = 3) -> None:
+    def __init__(self, update: Update, warmup: int = 3, generators: Sequence[torch.Generator] = ()) -> None:
         if warmup < 1:
             raise ValueError(f"warmup must be at least 1, got {warmup}")
         self.update = update
         self.warmup = warmup
+        self.generators = tuple(generators)
         self.calls = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self._side_stream: Optional[torch.cuda.Stream] = None
@@ -100,6 +104,8 @@ class CapturedUpdate:
         self._batch = batch.clone()
         graph = torch.cuda.CUDAGraph()
         try:
+            for generator in self.generators:
+                graph.register_generator_state(generator)
             with torch.cuda.graph(graph), update_context(capturing=True):
                 self._metrics = self.update(self._batch)
         except Exception as error:
