@@ -471,10 +471,10 @@ def test_mpdp_explores_with_coplanner_through_its_heads(in_tmp, monkeypatch):
     heads = []  # the head of every action drawn for the 5 candidates of a planned state
     act = SquashedGaussianHeads.act
 
-    def recording_act(self, obs, deterministic=False, head=0):
+    def recording_act(self, obs, deterministic=False, head=0, noise=None):
         if obs.shape[0] == 5:
             heads.append(head)
-        return act(self, obs, deterministic, head)
+        return act(self, obs, deterministic, head, noise)
 
     monkeypatch.setattr(SquashedGaussianHeads, "act", recording_act)
     main(fit_args(
