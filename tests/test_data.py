@@ -67,3 +67,34 @@ def test_a_fetched_batch_is_drawn_when_the_update_asks_not_when_it_is_fetched():
     assert (pending.draw()["reward"] == 5.0).any()  # 4 rows from 2 transitions: P(no row 5) = 1/16
     rewards = torch.cat([pending.draw()["reward"] for _ in range(20)])
     assert set(rewards.tolist()) == {0.0, 5.0}
+
+
+def test_a_groups_storage_gives_each_seed_its_own_rows_as_its_buffer_alone_would():
+    """One storage with a seed axis (a transition per seed per env step): seed s's batch is the
+    rows its own buffer alone gives for the same generator state."""
+    from mpdp_lightning.algorithms.seed_group import SeedStreams
+    from mpdp_lightning.training.data import PendingBatch, ReplayDataModule
+
+    seeds, steps = (0, 1, 2), 40
+    group, alone = ReplayDataModule(capacity=100, batch_size=8), [ReplayDataModule(capacity=100, batch_size=8) for _ in seeds]
+    for t in range(steps):
+        per_seed = [_transition(float(100 * s + t)) for s in seeds]
+        group.add(torch.stack(per_seed))
+        for module, transition in zip(alone, per_seed):
+            module.add(transition)
+    assert len(group) == steps
+    states = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        states.append(torch.get_rng_state())
+    streams = SeedStreams(seeds, states)
+    batch = PendingBatch(group.buffer, 8).draw(streams.draw)
+    assert batch.batch_size == (3, 8)
+    for position, seed in enumerate(seeds):
+        torch.manual_seed(seed)
+        assert torch.equal(batch[position]["reward"], PendingBatch(alone[position].buffer, 8).draw()["reward"])
+    restored = ReplayDataModule(capacity=100, batch_size=8)  # the checkpoint keeps the seed axis
+    restored.load_state_dict(group.state_dict())
+    restored.setup("fit")
+    assert restored.contents()["reward"].shape == (steps, 3)
+    assert torch.equal(restored.contents()["reward"], group.contents()["reward"])

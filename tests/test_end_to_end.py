@@ -234,8 +234,8 @@ def test_each_update_draws_its_batch_after_its_own_env_step_is_stored(in_tmp, mo
     seen = []
     draw = PendingBatch.draw
 
-    def spying_draw(self):
-        batch = draw(self)
+    def spying_draw(self, *args):
+        batch = draw(self, *args)
         newest = self.buffer.storage.get(torch.tensor([len(self.buffer) - 1]))
         seen.append((len(self.buffer), bool((batch["obs"] == newest["obs"]).all(dim=-1).any())))
         return batch

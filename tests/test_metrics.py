@@ -14,6 +14,13 @@ def test_means_since_the_last_pop():
     assert acc.pop_means() == {}
 
 
+def test_a_groups_metrics_average_per_seed():
+    acc = MetricAccumulator()
+    for value in (1.0, 2.0, 6.0):  # three seeds' values per update
+        acc.accumulate({"train/a": torch.tensor([value, 10 * value, -value])})
+    assert acc.pop_means() == {"train/a": [3.0, 30.0, -3.0]}
+
+
 def test_phase_times_are_seconds_per_update_since_the_last_pop_and_paused_phases_are_not_timed():
     import time
 

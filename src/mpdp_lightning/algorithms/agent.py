@@ -161,8 +161,8 @@ class Agent(pl.LightningModule):
                     self.rollouts.branch(self)
         if self.rollouts is not None:  # MBPO: real_ratio real, the rest model transitions
             batch = self.rollouts.mixed_batch(self, batch)
-        else:  # SAC, MPDP: real transitions
-            batch = drawn(batch)
+        else:  # SAC, MPDP: real transitions (each seed its own in a group)
+            batch = drawn(batch, self.draw)
         metrics = None
         if self.captured_update is not None:
             with self.timer.phase("update"), self.timer.paused():  # phases inside are not timed

@@ -10,11 +10,15 @@ The stream yields ``PendingBatch``es, drawn only when the update asks (``draw``)
 Lightning fetches them: Lightning fetches the next batch before the current update has run
 (and before that update's env step), while the paper's order within an update is collect,
 fit the model, then sample.
+
+A group of seeds (algorithms/seed_group.py) keeps one storage with a seed axis: each env step
+adds a transition per seed (an item of batch size [seeds]), and each seed samples rows of its own
+transitions with its own generator (``PendingBatch.draw`` with the agent's ``draw``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -26,21 +30,38 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer
 TRANSITION_KEYS = ("obs", "action", "reward", "next_obs", "terminated")
 
 
+# how the random indices are drawn: ``draw(sample)`` calls ``sample(generator)`` (Agent.draw:
+# once with the default generator alone, once per seed with its own in a group, stacked)
+Draw = Callable[[Callable[[Optional[torch.Generator]], torch.Tensor]], torch.Tensor]
+
+
+def _default_draw(sample: Callable[[Optional[torch.Generator]], torch.Tensor]) -> torch.Tensor:
+    return sample(None)
+
+
 class PendingBatch:
     """A uniform batch that a replay buffer will give when the update draws it (``draw``)."""
 
     def __init__(self, buffer: ReplayBuffer, batch_size: int) -> None:
         self.buffer, self.batch_size = buffer, batch_size
 
-    def draw(self) -> TensorDictBase:
+    def draw(self, draw: Draw = _default_draw) -> TensorDictBase:
+        """The batch, its indices drawn by ``draw``: [batch_size] rows, or with a seed axis
+        [seeds, batch_size], each seed's rows of its own transitions."""
         if len(self.buffer) == 0:
             raise RuntimeError("the replay buffer is empty: collect transitions before the first update")
-        return uniform_sample(self.buffer, self.batch_size)
+        storage = self.buffer.storage
+        indices = draw(lambda generator: torch.randint(len(self.buffer), (self.batch_size,), device=storage.device,
+                                                        generator=generator))
+        if indices.dim() == 1:
+            return storage.get(indices)
+        seeds = torch.arange(indices.shape[0], device=indices.device).unsqueeze(1)
+        return storage.get((indices, seeds))  # seed s: rows indices[s] of its own column
 
 
-def drawn(batch: Union[PendingBatch, TensorDictBase]) -> TensorDictBase:
-    """The transitions of ``batch``: drawn now if it is pending, as given otherwise."""
-    return batch.draw() if isinstance(batch, PendingBatch) else batch
+def drawn(batch: Union[PendingBatch, TensorDictBase], draw: Draw = _default_draw) -> TensorDictBase:
+    """The transitions of ``batch``: drawn now (by ``draw``) if it is pending, as given otherwise."""
+    return batch.draw(draw) if isinstance(batch, PendingBatch) else batch
 
 
 def uniform_sample(buffer: ReplayBuffer, batch_size: int) -> TensorDictBase:
@@ -109,10 +130,14 @@ class ReplayDataModule(pl.LightningDataModule):
         return 0 if self.buffer is None else len(self.buffer)
 
     def add(self, transition: TensorDictBase) -> None:
-        """Append one transition (a TensorDict with TRANSITION_KEYS and empty batch size)."""
+        """Append one transition (a TensorDict with TRANSITION_KEYS and empty batch size), or a
+        group's transition per seed (batch size [seeds]: one item of the storage)."""
         if self.buffer is None:
             self.setup("fit")
-        self.buffer.add(transition)
+        if transition.batch_dims:
+            self.buffer.extend(transition.unsqueeze(0))  # one item; ``add`` warns on a batched one
+        else:
+            self.buffer.add(transition)
 
     def contents(self) -> TensorDictBase:
         """Every stored transition, in storage order (a copy)."""

@@ -18,7 +18,9 @@ import torch
 
 
 class MetricAccumulator:
-    """Running means of scalar tensors, summed on their device: one stack and one add per call."""
+    """Running means of scalar tensors, summed on their device: one stack and one add per call.
+    A group of seeds' metrics are [seeds] tensors (all of one call the same shape): their means
+    come out per seed, as lists."""
 
     def __init__(self) -> None:
         self._sums: dict[tuple[str, ...], torch.Tensor] = {}
@@ -26,7 +28,7 @@ class MetricAccumulator:
 
     def accumulate(self, values: Mapping[str, torch.Tensor]) -> None:
         names = tuple(values)
-        stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+        stacked = torch.stack([v.detach().float() for v in values.values()])
         if names in self._sums:
             self._sums[names] += stacked
             self._counts[names] += 1
@@ -41,13 +43,15 @@ class MetricAccumulator:
             for i, name in enumerate(names)
         }
 
-    def pop_means(self) -> dict[str, float]:
-        """The means since the last call (one host transfer), and a fresh start."""
+    def pop_means(self) -> dict[str, Any]:
+        """The means since the last call (one host transfer), and a fresh start: a float per
+        name, or in a group a list with one per seed."""
         if not self._sums:
             return {}
         flat = self._flat_sums()
         values = torch.stack([total for total, _ in flat.values()]).tolist()
-        means = {name: value / count for (name, (_, count)), value in zip(flat.items(), values)}
+        means = {name: (value / count if isinstance(value, float) else [v / count for v in value])
+                 for (name, (_, count)), value in zip(flat.items(), values)}
         self._sums.clear()
         self._counts.clear()
         return means
