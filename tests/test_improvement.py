@@ -361,3 +361,7 @@ def test_quantiles_are_torchs_bit_for_bit_and_batch_under_vmap():
             expected = torch.stack([torch.quantile(v, q) for v in x])
             assert torch.equal(torch.stack([quantiles(v, q)[0] for v in x]), expected)
             assert torch.equal(torch.func.vmap(lambda v, q=q: quantiles(v, q)[0])(x), expected)
+    for special in ([1.0, float("nan"), 2.0], [1.0, float("inf"), 2.0], [float("-inf"), 0.0, float("inf")]):
+        x = torch.tensor(special)
+        for q in (0.0, 0.5, 0.9, 1.0):
+            torch.testing.assert_close(quantiles(x, q)[0], torch.quantile(x, q), equal_nan=True)

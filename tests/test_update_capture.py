@@ -255,3 +255,14 @@ def test_a_failed_compile_of_the_model_fit_warns_once_and_mbpo_goes_on_eagerly(i
         main(fit_args("hopper", 300, *TINY_MODEL, "--model.model_batch_size", "32", algo="mbpo"))
     assert len([w for w in warned if "could not be compiled" in str(w.message)]) == 1
     assert len(calls) == 1  # the first fit's first minibatch; that fit and the later ones eagerly
+
+
+def test_a_group_of_seeds_masks_rows_and_compiles_nothing():
+    cuda = torch.device("cuda", 0)
+    plan = resolve_plan(cuda, "32-true", None, None, None, has_compiled_parts=True, imagines=True, grouped=True)
+    assert (plan.compact_rows, plan.compiled) == (False, False)
+    with pytest.raises(MPDPError, match="model.compact_rows true: a group of seeds masks"):
+        resolve_plan(torch.device("cpu"), "32-true", None, None, None, has_compiled_parts=True, compact_rows=True,
+                     imagines=True, grouped=True)
+    with pytest.raises(MPDPError, match="model.compile true: a group of seeds runs its steps under torch.func.vmap"):
+        resolve_plan(cuda, "32-true", None, True, None, has_compiled_parts=True, imagines=True, grouped=True)

@@ -240,7 +240,12 @@ class Agent(pl.LightningModule):
         """``sample(generator)``'s random draws (a tensor, or a tuple of them): alone with the
         default generator (None); in a group once per seed with that seed's own generator,
         stacked on a leading seed axis."""
-        return sample(None) if self.seed_axis is None else self.seed_axis.streams.draw(sample)
+        if self.seed_axis is None:
+            return sample(None)
+        if self.seed_axis.streams.device != self.device:
+            raise RuntimeError(f"the group's generators are on {self.seed_axis.streams.device} and the agent on "
+                               f"{self.device}: stack the agents on the device they train on")
+        return self.seed_axis.streams.draw(sample)
 
     def seed_generators(self) -> tuple[torch.Generator, ...]:
         """A group's per-seed generators (which a CUDA graph must register); none alone."""

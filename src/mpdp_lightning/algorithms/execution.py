@@ -157,6 +157,9 @@ def resolve_plan(device: torch.device, precision: str, cuda_graph: Optional[bool
     if grouped and compact_rows:
         raise MPDPError("model.compact_rows true: a group of seeds masks the stopped rows (each seed stops its own); "
                         "leave it unset")
+    if grouped and compile:
+        raise MPDPError("model.compile true: a group of seeds runs its steps under torch.func.vmap, which "
+                        "torch.compile refuses to enter from eager code; leave it unset")
     graph_problem = cuda_graph_problem(device, compact_rows)
     if cuda_graph and graph_problem:
         raise MPDPError(f"model.cuda_graph: {graph_problem}")
@@ -165,7 +168,8 @@ def resolve_plan(device: torch.device, precision: str, cuda_graph: Optional[bool
         device=device.type,
         precision=str(precision),
         cuda_graph=bool(cuda_graph) if cuda_graph is not None else graph_problem is None,
-        compiled=has_compiled_parts and (bool(compile) if compile is not None else compile_pays(device)),
+        # a group's steps run under vmap, which Dynamo refuses to enter from eager code
+        compiled=has_compiled_parts and not grouped and (bool(compile) if compile is not None else compile_pays(device)),
         compact_rows=compacts,
         tf32=device.type == "cuda" and tf32 is not False,
         wanted_cuda_graph=cuda_graph,

@@ -12,8 +12,8 @@ Nothing is pooled across seeds: each has its own initialisation (built under its
 run alone would be), its own random stream (``SeedStreams``: a generator per seed holding what a
 run alone would hold; ``Agent.draw`` names it in every draw), its own temperature and its own NaN
 record.
-On the CPU a seed in a group gets bit-identical losses and weights to the same seed alone
-(tests/test_seed_group.py): the batched MLP block uses ``bmm`` + bias, whose vmapped form is the
+On the CPU a seed in a group gets bit-identical losses and weights to the same seed alone when
+its rows are a multiple of 32 (tests/test_seed_group.py, docs/seed-groups.md): the batched MLP block uses ``bmm`` + bias, whose vmapped form is the
 same kernel, rather than ``baddbmm``/``addmm``, whose batching rules take another path for a
 1-wide output.
 """
@@ -161,7 +161,8 @@ def stack_agents(agents: Sequence[nn.Module], seeds: Sequence[int], rng_states: 
     for name, value in buffers.items():
         _set(group, name, value.clone())
     group.seed_axis = SeedAxis(seeds, SeedStreams(seeds, rng_states, group.device))
-    group._plan = None  # resolved again, for a group (rows masked)
+    group._plan = None  # resolved again, for a group (rows masked, nothing compiled)
+    group.captured_update = None  # a graph captured for agents[0] is not the group's
     return group
 
 

@@ -58,7 +58,8 @@ class BatchedLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(x, self.weight) + self.bias
+        out = torch.bmm(x, self.weight)
+        return out + self.bias.to(out.dtype)  # under autocast: bf16 as baddbmm gave, not promoted to fp32
 
     def extra_repr(self) -> str:
         return f"members={self.members}, in_features={self.in_features}, out_features={self.out_features}"
@@ -120,7 +121,8 @@ class BatchedMLP(nn.Module):
         for i, (weight, bias) in enumerate(member):
             if detach:
                 weight, bias = weight.detach(), bias.detach()
-            x = torch.mm(x, weight) + bias
+            x = torch.mm(x, weight)
+            x = x + bias.to(x.dtype)
             if i < len(member) - 1:
                 x = self.activation(x)
         return x

@@ -134,11 +134,13 @@ def quantiles(x: torch.Tensor, *qs: float) -> list[torch.Tensor]:
     (a Python float: no host-to-device copy, which a CUDA graph could not hold), and the ranks
     stay on the device."""
     ordered = x.flatten().sort().values
+    last = ordered.numel() - 1
+    has_nan = x.isnan().any()
     out = []
     for q in qs:
-        rank = x.new_full((), q) * (ordered.numel() - 1)
-        below = rank.floor().long()
-        above = (below + 1).clamp(max=ordered.numel() - 1)
+        # as torch.quantile: a NaN anywhere gives NaN (the rank moves to the last, NaN, element)
+        rank = torch.where(has_nan, float(last), x.new_full((), q) * last)
+        below, above = rank.floor().long(), rank.ceil().long()
         # gathered, not indexed: a 0-dim index tensor would be read on the host
         at = lambda i: ordered.gather(0, i.reshape(1)).squeeze(0)  # noqa: E731
         out.append(torch.lerp(at(below), at(above), rank - below))
