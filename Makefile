@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # make train TASK=hopper [ALGO=mpdp|sac|mbpo] [PRESET=auto|quick|paper] ARGS="--model.beta 0.7"
-#            [RESUME=runs/checkpoints/<run>/last.ckpt]
+#            [RESUME=runs/checkpoints/<run>/last.ckpt] [SEEDS=0,1,2]
+# SEEDS: those seeds in one process, one update for all (a group: docs/seed-groups.md; SAC for now),
+# each seed its own MLflow run.
 # MPDP and MBPO run their paper preset where torch sees a GPU and their quick preset on a
 # CPU-only machine (conf/preset/<algo>/); SAC has one size. COPlanner: ARGS="--coplanner.enabled true".
 train: install
@@ -34,7 +36,7 @@ train: install
 		preset_config="--config conf/preset/$(ALGO)/$$preset.yaml"; \
 	fi; \
 	$(PY) -m mpdp_lightning fit --config conf/base.yaml --config conf/algo/$(ALGO).yaml \
-		--config conf/task/$(TASK).yaml $$preset_config $(if $(RESUME),--ckpt_path $(RESUME)) $(ARGS)
+		--config conf/task/$(TASK).yaml $$preset_config $(if $(RESUME),--ckpt_path $(RESUME)) $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
 
 # Ray Tune for sweeps: an optional extra, not needed by train or test
 install-sweep: $(VENV)/.installed-sweep

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from helpers import ROOT
 from mpdp_lightning.errors import MPDPError
-from mpdp_lightning.experiments.sweep import Place, Sweep, Trial, plan, trial_argv
+from mpdp_lightning.experiments.sweep import Place, Process, Sweep, Trial, plan, trial_argv
 
 TINY_RUN = ["--env_interaction.total_env_steps", "300", "--env_interaction.warmup_steps", "100",
             "--evaluation.eval_every", "100", "--evaluation.eval_episodes", "1", "--checkpoint.checkpoint_every", "100",
@@ -100,12 +100,48 @@ def test_a_grid_limited_to_some_algos_runs_the_others_once_per_seed(tmp_path):
     ({"name": "x", "tasks": ["hopper"], "algos": ["sac"], "seeds": [0, 0]}, "distinct"),
     ({"name": "x", "tasks": ["hopper"], "algos": ["sac"], "seeds": [0], "grid": {"model.beta": 0.5}}, "grid"),
     ({"name": "x", "tasks": ["hopper"], "algos": ["sac"]}, "missing seeds"),
+    ({"name": "x", "tasks": ["hopper"], "algos": ["sac"], "seeds": [0], "seeds_per_process": 0}, "seeds_per_process"),
 ])
 def test_a_bad_sweep_file_is_one_line(tmp_path, content, expected):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(content))
     with pytest.raises(MPDPError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         Sweep.load(path, ROOT / "conf")
+
+
+def test_seeds_per_process_groups_each_arms_seeds_into_one_command(tmp_path):
+    path = _sweep_file(tmp_path, seeds=(0, 1, 2), algos=["sac"], grid={"model.gamma": [0.98, 0.99]}, seeds_per_process=2)
+    sweep = Sweep.load(path, ROOT / "conf")
+    processes = sweep.processes(sweep.trials())
+    assert [p.key for p in processes] == ["inverted_pendulum-sac-s0+1-gamma=0.98", "inverted_pendulum-sac-s0+1-gamma=0.99",
+                                          "inverted_pendulum-sac-s2-gamma=0.98", "inverted_pendulum-sac-s2-gamma=0.99"]
+    argv = trial_argv(sweep, processes[0], _place(tmp_path), [], "quick")
+    assert argv[argv.index("--seeds") + 1] == "0,1" and "--seed_everything" not in argv
+    name = "inverted_pendulum-sac-s{seed}-gamma=0.98"  # each seed's run fills in its own trial key
+    assert argv[argv.index("--trainer.logger.init_args.run_name") + 1] == name
+    assert json.loads(argv[argv.index("--trainer.logger.init_args.tags") + 1])["trial"] == name
+    assert argv[argv.index("--checkpoint.dirpath") + 1].endswith("inverted_pendulum-sac-s0+1-gamma=0.98")
+    single = trial_argv(sweep, processes[2], _place(tmp_path), [], "quick")
+    assert single == trial_argv(sweep, processes[2].members[0], _place(tmp_path), [], "quick")  # a lone seed: as before
+
+
+def test_a_sweep_of_seed_groups_gives_each_seed_its_own_run_record_and_finished_trial(tmp_path):
+    pytest.importorskip("ray")
+    sweep_file = _sweep_file(tmp_path, seeds=(0, 1), seeds_per_process=2)  # one process, two seeds
+    first = _run_sweep(tmp_path, sweep_file, False, "--max-concurrent", "1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    runs = _runs(tmp_path)
+    assert [r.data.tags["trial"] for r in runs] == [f"inverted_pendulum-sac-s{seed}" for seed in (0, 1)]
+    assert [r.data.tags["seed"] for r in runs] == ["0", "1"]
+    assert runs[0].data.tags["group"] == runs[1].data.tags["group"] == runs[0].info.run_id
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.info.run_name == run.data.tags["trial"]
+        record = json.loads((tmp_path / f"benchmarks/results/tiny/{run.data.tags['trial']}.json").read_text())
+        assert record["seed"] == int(run.data.tags["seed"]) and len(record["curves"]["eval/return"]) == 3
+        assert (tmp_path / "store" / run.data.tags["trial"] / "done.json").is_file()
+    assert (tmp_path / "store/inverted_pendulum-sac-s0+1/last.ckpt").is_file()  # the group's checkpoint
+    again = _run_sweep(tmp_path, sweep_file)
+    assert again.returncode == 0 and "2 trials: 2 finished" in again.stdout and "0 to start" in again.stdout
 
 
 def test_a_tiny_sweep_runs_its_trials_and_running_it_again_starts_none(tmp_path):

@@ -18,13 +18,14 @@ run KILLED and exit 130 and 143, as shells do.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
 import warnings
 from importlib import import_module
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -35,6 +36,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
 from mpdp_lightning.algorithms.model_based import ModelBasedAgent  # noqa: E402
+from mpdp_lightning.algorithms.seed_group import build_group  # noqa: E402
 from mpdp_lightning.planners.coplanner import COPlanner  # noqa: E402
 from mpdp_lightning.training.callbacks import (  # noqa: E402
     EnvInteraction, EnvStepCheckpoint, EnvStepProgressBar, Evaluation, EvaluationVideo,
@@ -48,6 +50,7 @@ from mpdp_lightning.errors import MPDPError, RunInterrupted, describe_parser_err
 from mpdp_lightning.preflight import check_tracking_uri, check_writable_folder  # noqa: E402
 from mpdp_lightning.console import Outcome, RunClock, mlflow_loggers, start_line, summary  # noqa: E402
 from mpdp_lightning.envs.tasks import TASKS, get_task  # noqa: E402
+from mpdp_lightning.training.seed_runs import mark_seed_logger, parse_seeds  # noqa: E402
 from mpdp_lightning.training.tracking import log_run_config  # noqa: E402
 
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates: noise, not the user's problem.
@@ -85,6 +88,7 @@ class MPDPCLI(LightningCLI):
     def __init__(self, *args: Any, argv: Optional[list[str]] = None, **kwargs: Any) -> None:
         self.argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command
         self.resumed_from: Optional[int] = None
+        self.resumed_run_ids: Optional[list] = None  # a resumed group's MLflow run per seed
         super().__init__(*args, args=argv, **kwargs)
 
     def _add_instantiators(self) -> None:  # noqa: D401 (extends a private LightningCLI step)
@@ -107,6 +111,9 @@ class MPDPCLI(LightningCLI):
         parser.add_lightning_class_args(EnvStepProgressBar, "progress_bar")
         parser.add_lightning_class_args(EvaluationVideo, "video")
         parser.add_class_arguments(COPlanner, "coplanner")  # an option of MBPO and MPDP (use_coplanner)
+        parser.add_argument("--seeds", type=Optional[Union[list[int], str]], default=None,
+                            help="train these seeds in one process, e.g. 0,1,2 (a group: docs/seed-groups.md); "
+                                 "each seed its own MLflow run; replaces seed_everything")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         try:
@@ -139,6 +146,12 @@ class MPDPCLI(LightningCLI):
                 f"checkpoint {ckpt_path} is already at {header.env_steps} env steps; raise "
                 f"--env_interaction.total_env_steps above that to train further"
             )
+        seeds = _seeds_of(config)
+        if header.seeds != seeds:
+            saved = "one seed" if header.seeds is None else "seeds " + ",".join(map(str, header.seeds))
+            given = "no --seeds" if seeds is None else "--seeds " + ",".join(map(str, seeds))
+            raise MPDPError(f"checkpoint {ckpt_path} holds {saved}, and the command gives {given}: resume it with the seeds it was trained with")
+        self.resumed_run_ids = header.mlflow_run_ids
         model_args = {k: v for k, v in header.hyper_parameters.items() if k != "task" and not k.startswith("_")}
         try:
             model = {"class_path": algo, "init_args": model_args}
@@ -166,6 +179,14 @@ class MPDPCLI(LightningCLI):
         interaction = config.env_interaction
         module, _, name = str(config.model.class_path).rpartition(".")
         algorithm = getattr(import_module(module), name)
+        seeds = _seeds_of(config)
+        if seeds is not None:
+            if issubclass(algorithm, ModelBasedAgent):
+                raise MPDPError(f"seeds: a group of seeds cannot fit its world models yet, which {name} does; "
+                                "run its seeds one per process (make sweep)")
+            for option in ("env_interaction.seed", "evaluation.seed", "video.seed"):
+                if config.get(option) is not None:
+                    raise MPDPError(f"{option}: a group seeds each seed's environments from its seed; leave it unset with --seeds")
         if hasattr(algorithm, "default_warmup_steps_for"):  # an agent: its warm-up must end before the run
             try:
                 resolved_warmup(interaction.warmup_steps, algorithm, config.task, interaction.total_env_steps)
@@ -190,6 +211,9 @@ class MPDPCLI(LightningCLI):
         finally:
             if deferred:
                 config.trainer.logger = logger_config
+        seeds = _seeds_of(config)
+        if seeds is not None:  # N seeds in one module: each agent built under its seed, as alone
+            self.model = build_group(self.model, seeds)
         # how the update runs, resolved once (a contradiction is an error line before any work)
         self.model.execution_plan(self.trainer.strategy.root_device, self.trainer.precision)
         coplanner = self.config_init[self.subcommand].get("coplanner")
@@ -205,7 +229,36 @@ class MPDPCLI(LightningCLI):
                 uri = spec.init_args.get("tracking_uri") if _is_class_spec(spec) else None
                 if uri:
                     check_tracking_uri(uri)
-            self.trainer.loggers = [_instantiate(spec) for spec in specs]
+            if seeds is None:
+                self.trainer.loggers = [_instantiate(spec) for spec in specs]
+            else:  # each seed its own run (tags seed and group: training/tracking.py)
+                self.trainer.loggers = [
+                    logger for position, seed in enumerate(seeds)
+                    for logger in self._seed_loggers(specs, config, position, seed)
+                ]
+
+    def _seed_loggers(self, specs: list, config: Any, position: int, seed: int) -> list:
+        """The loggers of seed number ``position``: each spec with that seed's run name (``task-seed``
+        for the default name, ``<name>-seed<seed>`` for one given, ``{seed}`` in a name or a tag
+        filled in, as a sweep gives them) and, resumed, its run."""
+        loggers = []
+        for spec in specs:
+            if _is_class_spec(spec) and "MLFlowLogger" in str(spec.class_path):
+                spec = copy.deepcopy(spec)
+                name = spec.init_args.get("run_name")
+                default = f"{config.task}-{config.seed_everything}"
+                if name is not None and "{seed}" in name:  # a sweep's: the seed's own trial key
+                    spec.init_args.run_name = name.replace("{seed}", str(seed))
+                else:
+                    spec.init_args.run_name = f"{config.task}-{seed}" if name in (None, default) else f"{name}-seed{seed}"
+                tags = spec.init_args.get("tags")
+                if tags:
+                    spec.init_args.tags = {k: str(v).replace("{seed}", str(seed)) for k, v in dict(tags).items()}
+                spec.init_args.run_id = self.resumed_run_ids[position] if self.resumed_run_ids else None
+            logger = _instantiate(spec)
+            mark_seed_logger(logger, position)
+            loggers.append(logger)
+        return loggers
 
     def before_fit(self) -> None:
         config = self.config["fit"]
@@ -289,6 +342,14 @@ def _plain(value: Any) -> Any:
         items = {k: _plain(v) for k, v in value.items()}
         return value if all(items[k] is v for k, v in value.items()) else type(value)(items)
     return value
+
+
+def _seeds_of(config: Any) -> Optional[tuple[int, ...]]:
+    """The config's ``--seeds`` as a tuple (None: one seed); a bad value is an error line."""
+    try:
+        return parse_seeds(config.get("seeds"))
+    except ValueError as error:
+        raise MPDPError(str(error)) from None
 
 
 def _is_class_spec(value: Any) -> bool:

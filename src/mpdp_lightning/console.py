@@ -18,7 +18,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mpdp_lightning.training.callbacks.checkpointing import EnvStepCheckpoint
 from mpdp_lightning.training.callbacks.env_interaction import EnvInteraction
 from mpdp_lightning.training.callbacks.evaluation import Evaluation
-from mpdp_lightning.training.callbacks.progress import find_callback, format_duration
+from mpdp_lightning.training.callbacks.progress import find_callback, format_duration, format_return
+from mpdp_lightning.training.seed_runs import parse_seeds
 from mpdp_lightning.training.tracking import algo_name
 
 # The store `make ui` serves (the Makefile's ui target)
@@ -94,12 +95,16 @@ def start_line(trainer: pl.Trainer, config: dict, checkpoint: Optional[Path], re
     resumed = f", resumed at env step {resumed_from}" if resumed_from is not None else ""
     loggers = mlflow_loggers(trainer)
     logs = f"MLflow run {loggers[0].run_id} in {loggers[0]._tracking_uri}" if loggers else "no MLflow logger"
+    if len(loggers) > 1:
+        logs = f"MLflow runs {', '.join(lg.run_id for lg in loggers)} in {loggers[0]._tracking_uri}"
+    seeds = parse_seeds(config.get("seeds"))
+    seed = f"seed {config.get('seed_everything')}" if seeds is None else f"seeds {','.join(map(str, seeds))} (one group)"
     where = shown_path(checkpoint) if checkpoint is not None else "none"
     device = trainer.strategy.root_device.type
     if plan is not None:
         device = f"{device} ({plan.describe()})"
     return (
-        f"{algo} on {config.get('task')}{preset}, seed {config.get('seed_everything')}, {device}{resumed} · "
+        f"{algo} on {config.get('task')}{preset}, {seed}, {device}{resumed} · "
         f"logs: {logs} · checkpoints: {where}"
     )
 
@@ -125,8 +130,7 @@ def summary(trainer: pl.Trainer, module: pl.LightningModule, outcome: Outcome, c
     seconds = clock.seconds()
     rate = (steps - clock.start_env_steps) / max(seconds, 1e-9)
 
-    def fmt(value: Optional[float]) -> str:
-        return "-" if value is None else f"{value:.1f}"
+    fmt = format_return
 
     lines = [
         f"run {outcome.describe()} at {steps} of {total} env steps · eval return last {fmt(getattr(evaluation, 'latest_return', None))}, "

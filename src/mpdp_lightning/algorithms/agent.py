@@ -28,7 +28,7 @@ once, at capture, so ``trainer.global_step`` stays 0 and ``updates`` counts the 
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -43,7 +43,7 @@ from mpdp_lightning.algorithms.parts.improvement import HStepImprovement, one_st
 from mpdp_lightning.algorithms.parts.model_phase import EnsembleFit
 from mpdp_lightning.algorithms.seed_group import SeedAxis
 from mpdp_lightning.envs.tasks import get_task, task_spaces
-from mpdp_lightning.errors import NonFiniteLossError
+from mpdp_lightning.errors import CheckpointError, NonFiniteLossError
 from mpdp_lightning.models.policy import SquashedGaussianHeads, Temperature, TwinQ
 from mpdp_lightning.objectives.sac_losses import critic_loss, temperature_loss
 from mpdp_lightning.planners.up_mpc import UPMPC
@@ -443,12 +443,20 @@ class Agent(pl.LightningModule):
             scan_parameters: when no phase recorded one, look for non-finite weights anyway (set
                 only by something changed outside the phases); implied by ``when``.
         """
-        first = self.guard.first()
+        first, which = None, ""
+        if self.seed_axis is None:
+            first = self.guard.first()
+        else:  # a group: the first seed that broke (the others are named no further)
+            for position, seed in enumerate(self.seed_axis.seeds):
+                first = self.guard.first(seed=position)
+                if first is not None:
+                    which = f"seed {seed}: "
+                    break
         broken = non_finite_parameters(self) if first is None and (scan_parameters or when) else []
         if first is None and not broken and not when:
             return
         if first is not None:
-            cause = f"the {first.phase} phase's {first.what} first, in update {first.update}"
+            cause = f"{which}the {first.phase} phase's {first.what} first, in update {first.update}"
         elif broken:
             cause = f"non-finite parameters in {', '.join(broken)} (changed outside the update phases)"
         else:
@@ -469,6 +477,9 @@ class Agent(pl.LightningModule):
         for part in self.parts():
             counters.update(part.counters())
         checkpoint["counters"] = counters
+        if self.seed_axis is not None:  # a group: its seeds and where each seed's random stream is
+            checkpoint["seeds"] = list(self.seed_axis.seeds)
+            checkpoint["seed_streams"] = self.seed_axis.streams.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         upgrade_checkpoint(checkpoint)  # older layouts' keys, or one line naming what wrote it
@@ -478,6 +489,17 @@ class Agent(pl.LightningModule):
         for part in self.parts():
             part.load_counters(counters)
         self.guard.start_at(self.updates)
+        saved_seeds = checkpoint.get("seeds")
+        seeds = list(self.seed_axis.seeds) if self.seed_axis is not None else None
+        if (saved_seeds is None) != (seeds is None) or (seeds is not None and list(saved_seeds) != seeds):
+            raise CheckpointError(f"the checkpoint holds {_seeds_text(saved_seeds)} and this run trains {_seeds_text(seeds)}: "
+                                  "resume it with the seeds it was trained with")
+        if self.seed_axis is not None:
+            self.seed_axis.streams.load_state_dict(checkpoint["seed_streams"])
+
+
+def _seeds_text(seeds: Optional[Sequence[int]]) -> str:
+    return "one seed" if seeds is None else "seeds " + ",".join(map(str, seeds))
 
 
 def _parameters_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

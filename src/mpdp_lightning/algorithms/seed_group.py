@@ -166,6 +166,21 @@ def stack_agents(agents: Sequence[nn.Module], seeds: Sequence[int], rng_states: 
     return group
 
 
+def build_group(agent: nn.Module, seeds: Sequence[int]) -> nn.Module:
+    """``agent``'s class and settings as a group of ``seeds`` (``--seeds``): each seed's agent built
+    right after ``torch.manual_seed(seed)``, as a run of that seed alone builds it after
+    ``seed_everything``, so that every seed starts from its own run's weights and random stream."""
+    settings = {key: value for key, value in agent.hparams.items() if not key.startswith("_")}
+    agents, states = [], []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        agents.append(type(agent)(**settings))
+        states.append(torch.get_rng_state())
+    group = stack_agents(agents, seeds, states)
+    group.hparams.update(agent.hparams)  # what LightningCLI recorded beside them (the class path)
+    return group
+
+
 def _stacked(items: Sequence[Any]) -> Any:
     """Per-seed results (tensors, or tuples of them) stacked on a leading seed axis."""
     if isinstance(items[0], torch.Tensor):

@@ -49,7 +49,7 @@ from mpdp_lightning.envs.tasks import TASKS
 
 PROGRESS = re.compile(r"env steps (\d+)/(\d+) .*· eval return (\S+) · ([\d.]+) env steps/s")
 SWEEP_KEYS = {"name", "tasks", "algos", "seeds", "grid", "grid_algos", "preset", "args", "cpus_per_trial", "gpus_per_trial",
-              "threshold", "group_by"}
+              "threshold", "group_by", "seeds_per_process"}
 PRESETS = ("auto", "quick", "paper")  # and any other conf/preset/<algo>/<name>.yaml of the sweep's algos
 
 
@@ -65,9 +65,33 @@ class Trial:
     @property
     def key(self) -> str:
         """A folder and run name that says what the trial is: ``inverted_pendulum-mpdp-s3-beta=0.5``."""
-        parts = [self.task, self.algo, f"s{self.seed}"]
-        parts += [f"{name.rsplit('.', 1)[-1]}={value}" for name, value in self.overrides]
-        return re.sub(r"[^\w.=+-]", "_", "-".join(parts))
+        return self.key_for(str(self.seed))
+
+    def key_for(self, seed: str) -> str:
+        """The key with ``seed`` in the seed's place: ``0+1+2`` names a group's folder, ``{seed}``
+        the run name each seed of a group fills in (the CLI's ``--seeds``)."""
+        parts = [self.task, self.algo] + [f"{name.rsplit('.', 1)[-1]}={value}" for name, value in self.overrides]
+        clean = [re.sub(r"[^\w.=+-]", "_", part) for part in parts]
+        return "-".join([*clean[:2], f"s{seed}", *clean[2:]])
+
+
+@dataclass(frozen=True)
+class Process:
+    """One training process of a sweep: one trial, or (``seeds_per_process`` above 1) one arm's
+    trials of several seeds trained as a group (``--seeds``), each seed still its own MLflow run,
+    record and finished trial."""
+
+    members: tuple[Trial, ...]
+
+    @property
+    def grouped(self) -> bool:
+        return len(self.members) > 1
+
+    @property
+    def key(self) -> str:
+        """Its folder's name: the trial's key, or a group's with its seeds, ``hopper-sac-s0+1+2``."""
+        first = self.members[0]
+        return first.key if not self.grouped else first.key_for("+".join(str(t.seed) for t in self.members))
 
 
 @dataclass
@@ -90,6 +114,10 @@ class Sweep:
             a GPU machine, 0 otherwise.
         threshold: eval return of the comparison's "first env step at threshold" columns.
         group_by: params that split the comparison beside task and algo (the grid's by default).
+        seeds_per_process: train up to this many seeds of an arm in one process, as a group
+            (``--seeds``: one update for all of them, worth it on a GPU, not on a 2-core CPU:
+            docs/seed-groups.md); each seed is still its own trial, MLflow run and record. 1: a
+            process per seed.
     """
 
     name: str
@@ -104,6 +132,7 @@ class Sweep:
     gpus_per_trial: Optional[float] = None
     threshold: Optional[float] = None
     group_by: Optional[list[str]] = None
+    seeds_per_process: int = 1
 
     @classmethod
     def load(cls, path: str | Path, conf_dir: Path) -> "Sweep":
@@ -161,6 +190,9 @@ class Sweep:
             fail("args must be a list of command-line arguments")
         if not (isinstance(self.cpus_per_trial, int) and self.cpus_per_trial >= 1):
             fail(f"cpus_per_trial must be a positive integer, got {self.cpus_per_trial}")
+        if not (isinstance(self.seeds_per_process, int) and not isinstance(self.seeds_per_process, bool)
+                and self.seeds_per_process >= 1):
+            fail(f"seeds_per_process must be a positive integer, got {self.seeds_per_process!r}")
         if self.gpus_per_trial is not None and not 0 <= self.gpus_per_trial:
             fail(f"gpus_per_trial must be 0 or more, got {self.gpus_per_trial}")
 
@@ -176,6 +208,17 @@ class Sweep:
             for task, algo in itertools.product(self.tasks, self.algos)
             for values in (combos if algo in varied else [()])
         ]
+
+    def processes(self, trials: list[Trial]) -> list[Process]:
+        """``trials`` as processes: each arm's (task, algo, overrides) seeds in groups of up to
+        ``seeds_per_process``, in the order of their first trial."""
+        arms: dict[tuple, list[Trial]] = {}
+        for trial in trials:
+            arms.setdefault((trial.task, trial.algo, trial.overrides), []).append(trial)
+        size = self.seeds_per_process
+        groups = [tuple(members[i:i + size]) for members in arms.values() for i in range(0, len(members), size)]
+        order = {trial: i for i, trial in enumerate(trials)}
+        return [Process(members) for members in sorted(groups, key=lambda members: order[members[0]])]
 
     def resolved_preset(self) -> str:
         if self.preset != "auto":
@@ -194,21 +237,29 @@ class Place:
     tracking_uri: str
     records: Path  # <records>/<trial key>.json, e.g. benchmarks/results/<sweep>/ (kept in git)
 
-    def trial_dir(self, trial: Trial) -> Path:
+    def trial_dir(self, trial: Trial | Process) -> Path:
         return self.storage / trial.key
 
-    def checkpoint(self, trial: Trial) -> Path:
+    def checkpoint(self, trial: Trial | Process) -> Path:
         return self.trial_dir(trial) / "last.ckpt"
 
-    def done(self, trial: Trial) -> Path:
+    def done(self, trial: Trial | Process) -> Path:
         return self.trial_dir(trial) / "done.json"
 
     def record(self, trial: Trial) -> Path:
         return self.records / f"{trial.key}.json"
 
 
-def trial_argv(sweep: Sweep, trial: Trial, place: Place, extra: list[str], preset: str) -> list[str]:
-    """The ``mpdp fit`` arguments of ``trial``: the same config files as ``make train``."""
+def trial_argv(sweep: Sweep, process: Trial | Process, place: Place, extra: list[str], preset: str) -> list[str]:
+    """The ``mpdp fit`` arguments of a trial or a process: the same config files as ``make train``;
+    a group's with ``--seeds`` and a run name and ``trial`` tag each seed fills in."""
+    process = process if isinstance(process, Process) else Process((process,))
+    trial = process.members[0]
+    if process.grouped:
+        seeding = ["--seeds", ",".join(str(t.seed) for t in process.members)]
+        name = trial.key_for("{seed}")
+    else:
+        seeding, name = ["--seed_everything", str(trial.seed)], trial.key
     conf = place.conf_dir
     argv = ["fit", "--config", str(conf / "base.yaml"), "--config", str(conf / "algo" / f"{trial.algo}.yaml"),
             "--config", str(conf / "task" / f"{trial.task}.yaml")]
@@ -216,19 +267,26 @@ def trial_argv(sweep: Sweep, trial: Trial, place: Place, extra: list[str], prese
     if preset_file.is_file():  # as make train: the algorithm's preset, where it has one
         argv += ["--config", str(preset_file)]
     argv += [
-        "--seed_everything", str(trial.seed),
+        *seeding,
         "--trainer.logger.init_args.experiment_name", sweep.name,
         "--trainer.logger.init_args.tracking_uri", place.tracking_uri,
-        "--trainer.logger.init_args.run_name", trial.key,
-        "--trainer.logger.init_args.tags", json.dumps({"sweep": sweep.name, "trial": trial.key}),
-        "--checkpoint.dirpath", str(place.trial_dir(trial)),
+        "--trainer.logger.init_args.run_name", name,
+        "--trainer.logger.init_args.tags", json.dumps({"sweep": sweep.name, "trial": name}),
+        "--checkpoint.dirpath", str(place.trial_dir(process)),
     ]
     for name, value in trial.overrides:
         argv += [f"--{name}", json.dumps(value) if not isinstance(value, str) else value]
     argv += [str(a) for a in sweep.args] + extra
-    if place.checkpoint(trial).is_file():
-        argv += ["--ckpt_path", str(place.checkpoint(trial))]
+    if place.checkpoint(process).is_file():
+        argv += ["--ckpt_path", str(place.checkpoint(process))]
     return argv
+
+
+def pending_processes(sweep: Sweep, pending: list[Trial]) -> list[Process]:
+    """The processes that train the ``pending`` trials, grouped as the sweep groups seeds (in the
+    sweep's trial order, so that a run and its check, or a rerun, group them alike)."""
+    waiting = set(pending)
+    return sweep.processes([trial for trial in sweep.trials() if trial in waiting])
 
 
 def check_trials(sweep: Sweep, place: Place, extra: list[str], sweep_file: str | Path) -> None:
@@ -244,10 +302,10 @@ def check_trials(sweep: Sweep, place: Place, extra: list[str], sweep_file: str |
     if not pending:
         return
     checker = _trial_checker()
-    per_trial = {"--seed_everything", "--trainer.logger.init_args.run_name", "--trainer.logger.init_args.tags",
+    per_trial = {"--seed_everything", "--seeds", "--trainer.logger.init_args.run_name", "--trainer.logger.init_args.tags",
                  "--checkpoint.dirpath"}
     checked = set()
-    for trial in pending:
+    for trial in pending_processes(sweep, pending):
         argv = trial_argv(sweep, trial, place, extra, preset)
         shape = tuple("" if i and argv[i - 1] in per_trial else arg for i, arg in enumerate(argv))
         if shape in checked:
@@ -362,22 +420,26 @@ def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> None:
                 continue
             found = PROGRESS.search(line)
             if found:
-                eval_return = None if found[3] == "-" else float(found[3])
+                # a group's line gives one return per seed (123.4/98.7): Tune's table shows their mean
+                returns = [float(value) for value in found[3].split("/")] if found[3] != "-" else []
+                eval_return = sum(returns) / len(returns) if returns else None
                 tune.report({"env_steps": int(found[1]), "eval_return": eval_return, "env_steps_per_second": float(found[4])})
     code = process.wait()
     if code != 0:
         raise RuntimeError(f"trial {folder.name} exited with {code}; its log: {folder / 'trial.log'}")
     seconds = time.time() - start
-    (folder / "done.json").write_text(json.dumps({"seconds": seconds, "finished_at": time.time()}))
     record = config["record"]
-    try:
-        from mpdp_lightning.experiments.records import write_trial_record
+    for key, member_folder, record_path in config["members"]:  # a group: each seed its own finished trial
+        Path(member_folder).mkdir(parents=True, exist_ok=True)
+        (Path(member_folder) / "done.json").write_text(json.dumps({"seconds": seconds, "finished_at": time.time()}))
+        try:
+            from mpdp_lightning.experiments.records import write_trial_record
 
-        write_trial_record(record["tracking_uri"], record["sweep"], record["sweep"], folder.name, record["path"],
-                           seconds, int(threads))
-    except Exception as error:  # the trial has finished all the same; the driver writes the record after
-        with open(log_path, "a") as log:
-            log.write(f"no record written yet: {' '.join(str(error).split())}\n")
+            write_trial_record(record["tracking_uri"], record["sweep"], record["sweep"], key, record_path,
+                               seconds, int(threads))
+        except Exception as error:  # the trial has finished all the same; the driver writes the record after
+            with open(log_path, "a") as log:
+                log.write(f"no record of {key} written yet: {' '.join(str(error).split())}\n")
     tune.report({"done": True})
 
 
@@ -416,12 +478,15 @@ def plan(sweep: Sweep, place: Place) -> dict[str, list[Trial]]:
     any machine), to resume (a checkpoint) or to start."""
     state: dict[str, list[Trial]] = {"finished": [], "resume": [], "start": []}
     preset = sweep.resolved_preset()
+    unfinished = [trial for trial in sweep.trials() if not (place.done(trial).is_file() or place.record(trial).is_file())]
+    saved = {trial for process in sweep.processes(unfinished) if place.checkpoint(process).is_file()
+             for trial in process.members}
     for trial in sweep.trials():
         if place.record(trial).is_file():
             check_record_preset(trial, place, preset)
         if place.done(trial).is_file() or place.record(trial).is_file():
             state["finished"].append(trial)
-        elif place.checkpoint(trial).is_file():
+        elif trial in saved:
             state["resume"].append(trial)
         else:
             state["start"].append(trial)
@@ -443,9 +508,10 @@ def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool =
         f"in {place.tracking_uri} · trials in {place.storage}",
         flush=True,
     )
+    processes = pending_processes(sweep, pending)
     if dry_run:
-        for trial in pending:
-            print(shlex.join([sys.executable, "-m", "mpdp_lightning", *trial_argv(sweep, trial, place, extra, preset)]))
+        for process in processes:
+            print(shlex.join([sys.executable, "-m", "mpdp_lightning", *trial_argv(sweep, process, place, extra, preset)]))
         return 0
     if not pending:
         return 0
@@ -464,10 +530,11 @@ def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool =
     if gpus is None:
         gpus = 0.25 if ray.cluster_resources().get("GPU", 0) else 0
     specs = {
-        trial.key: {"argv": trial_argv(sweep, trial, place, extra, preset), "folder": str(place.trial_dir(trial)),
-                    "threads": sweep.cpus_per_trial, "cwd": str(cwd),
-                    "record": {"path": str(place.record(trial)), "tracking_uri": place.tracking_uri, "sweep": sweep.name}}
-        for trial in pending
+        process.key: {"argv": trial_argv(sweep, process, place, extra, preset), "folder": str(place.trial_dir(process)),
+                      "threads": sweep.cpus_per_trial, "cwd": str(cwd),
+                      "members": [[t.key, str(place.trial_dir(t)), str(place.record(t))] for t in process.members],
+                      "record": {"tracking_uri": place.tracking_uri, "sweep": sweep.name}}
+        for process in processes
     }
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.cpus_per_trial))
     if max_concurrent is not None:

@@ -54,6 +54,8 @@ class CheckpointHeader:
     mlflow_run_id: Optional[str]
     hyper_parameters: dict
     class_path: Optional[str]  # the LightningModule that wrote it (LightningCLI records it), if known
+    seeds: Optional[tuple[int, ...]] = None  # a group's seeds (``--seeds``); None: a run of one seed
+    mlflow_run_ids: Optional[list] = None  # a group's MLflow run per seed, in the group's order
 
 
 def upgrade_hyperparameters(hparams: dict) -> dict:
@@ -91,4 +93,6 @@ def read_checkpoint_header(path: str | Path, expected_task: Optional[str] = None
     return CheckpointHeader(
         int(counters["env_steps"]), int(counters["updates"]), task, checkpoint.get("mlflow_run_id"),
         upgrade_hyperparameters(checkpoint["hyper_parameters"]), checkpoint["hyper_parameters"].get("_class_path"),
+        tuple(int(s) for s in checkpoint["seeds"]) if checkpoint.get("seeds") is not None else None,
+        checkpoint.get("mlflow_run_ids"),
     )

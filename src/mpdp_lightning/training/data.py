@@ -149,7 +149,11 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: each item already is a batch; the identity collate keeps the TensorDict.
-        return DataLoader(ReplaySampleStream(self.buffer, self.batch_size), batch_size=None, collate_fn=_as_is)
+        # A generator of its own: the iterator draws a base seed for workers (there are none), which
+        # from the default generator would move the run's stream, and a group's seeds would not
+        # see that draw (each has its own generator), so a seed would differ from itself alone.
+        return DataLoader(ReplaySampleStream(self.buffer, self.batch_size), batch_size=None, collate_fn=_as_is,
+                          generator=torch.Generator())
 
     # ---- checkpoint: only the filled part of the storage, plus the write cursor ---------------
     def state_dict(self) -> dict[str, Any]:

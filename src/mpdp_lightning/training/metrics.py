@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping
 import lightning.pytorch as pl
 import torch
 
+from mpdp_lightning.training.seed_runs import for_logger
 
 
 class MetricAccumulator:
@@ -58,11 +59,14 @@ class MetricAccumulator:
 
 
 def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
-    """Send ``metrics`` to every logger of ``trainer`` at ``step`` (the env-step clock)."""
+    """Send ``metrics`` to every logger of ``trainer`` at ``step`` (the env-step clock). In a group
+    of seeds, a per-seed list gives each seed's run its own entry (training/seed_runs.py)."""
     if not metrics or trainer.sanity_checking:
         return
     for logger in trainer.loggers:
-        logger.log_metrics(dict(metrics), step=step)
+        picked = for_logger(metrics, logger)
+        if picked:
+            logger.log_metrics(picked, step=step)
 
 
 class PhaseTimer:

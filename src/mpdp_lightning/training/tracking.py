@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import MLFlowLogger
 
 import mpdp_lightning
+from mpdp_lightning.training.seed_runs import parse_seeds, seed_position
 
 MLFLOW_PARAM_LIMIT = 6000  # characters of one param value in MLflow
 # How a run was started or continued, not how it trains: differ between a run and its resumption.
@@ -65,6 +66,8 @@ def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool,
     params["git_commit"] = git_commit()
     params.update(extra)
     yaml_text = parser.dump(config, skip_none=False)
+    seeds = parse_seeds(as_dict.get("seeds"))
+    group = _group_name(loggers, seeds)
     for logger in loggers:
         client, run_id = logger.experiment, logger.run_id
         existing = client.get_run(run_id).data.params if resumed else {}
@@ -76,11 +79,23 @@ def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool,
         if new:
             logger.log_hyperparams(new)
         client.set_tag(run_id, "task", str(as_dict.get("task")))
-        client.set_tag(run_id, "seed", str(as_dict.get("seed_everything")))
+        position = seed_position(logger)
+        client.set_tag(run_id, "seed", str(as_dict.get("seed_everything") if position is None else seeds[position]))
+        if group is not None:  # a group's runs: compared as seeds, found together by this tag
+            client.set_tag(run_id, "group", group)
+            client.set_tag(run_id, "group_seeds", ",".join(map(str, seeds)))
         if as_dict.get("preset"):
             client.set_tag(run_id, "preset", str(as_dict["preset"]))
         client.set_tag(run_id, "algo", algo_name(as_dict))
         client.log_text(run_id, yaml_text, "config_resumed.yaml" if resumed else "config.yaml")
+
+
+def _group_name(loggers: list, seeds: Any) -> Any:
+    """A group's name: the MLflow run id of its first seed's run (stable when it is resumed)."""
+    if seeds is None:
+        return None
+    first = [lg for lg in loggers if seed_position(lg) == 0]
+    return first[0].run_id if first else None
 
 
 def set_run_tag(trainer: pl.Trainer, key: str, value: str) -> None:

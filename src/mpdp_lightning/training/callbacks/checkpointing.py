@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from mpdp_lightning.training.clock import passed_multiple
 from mpdp_lightning.errors import RunInterrupted
+from mpdp_lightning.training.seed_runs import seed_position
 
 LAST = "last.ckpt"
 
@@ -179,6 +180,9 @@ class EnvStepCheckpoint(Checkpoint):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = rng_states()
         checkpoint["mlflow_run_id"] = getattr(trainer.logger, "run_id", None)
+        if getattr(pl_module, "seed_axis", None) is not None:  # a group: each seed's run, in the group's order
+            runs = {seed_position(logger): getattr(logger, "run_id", None) for logger in trainer.loggers}
+            checkpoint["mlflow_run_ids"] = [runs.get(position) for position in range(len(pl_module.seed_axis))]
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:

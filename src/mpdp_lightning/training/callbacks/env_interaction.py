@@ -10,7 +10,6 @@ next state still has value), and logs training episodes and the train metrics ag
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Literal, Optional
 
@@ -22,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from tensordict import TensorDict
 
 from mpdp_lightning.training.metrics import log_metrics
+from mpdp_lightning.training.seed_runs import run_seeds
 from mpdp_lightning.envs.stepping import step_envs
 from mpdp_lightning.envs.tasks import make_env
 
@@ -40,11 +40,6 @@ def _check_warmup(warmup: int, total_env_steps: int, given: bool) -> None:
         default = "" if given else ", the default of the algorithm"
         raise ValueError(f"env_interaction.warmup_steps ({warmup}{default}) must be below "
                          f"env_interaction.total_env_steps ({total_env_steps})")
-
-
-def global_seed() -> int:
-    """The seed that LightningCLI's ``seed_everything`` chose (0 when none was set)."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 class EnvInteraction(Callback):
@@ -90,14 +85,19 @@ class EnvInteraction(Callback):
         self.updates_per_env_step = updates_per_env_step
         self.log_every_env_steps = log_every_env_steps
         self.seed = seed
-        self.env = None
-        self._obs: Optional[np.ndarray] = None
-        self._episode_return = 0.0
-        self._episode_length = 0
-        self.episodes = 0
-        self._finished_returns: list[float] = []
-        self._finished_lengths: list[int] = []
+        # one environment, or in a group of seeds one per seed (the group's order)
+        self.envs: list = []
+        self._obs: list[np.ndarray] = []
+        self._episode_returns = np.zeros(0)
+        self._episode_lengths = np.zeros(0, dtype=int)
+        self.episodes: list[int] = [0]
+        self._finished: list[list[tuple[float, int]]] = []  # per environment: (return, length) since the last log
         self._window_start = (0, time.perf_counter())
+
+    @property
+    def env(self) -> Any:
+        """The training environment of a run of one seed."""
+        return self.envs[0] if self.envs else None
 
     # ---- lifecycle ------------------------------------------------------------------------
     def resolve_defaults(self, pl_module: pl.LightningModule) -> None:
@@ -110,13 +110,17 @@ class EnvInteraction(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.resolve_defaults(pl_module)
-        if self.env is None:
-            self.env = make_env(pl_module.task)
+        seeds = run_seeds(pl_module)
+        if not self.envs:
+            self.envs = [make_env(pl_module.task) for _ in seeds]
+            self._finished = [[] for _ in seeds]
+        if len(self.episodes) != len(seeds):  # a fresh group (a checkpoint's counts are loaded after setup)
+            self.episodes = [0] * len(seeds)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.env is not None:
-            self.env.close()
-            self.env = None
+        for env in self.envs:
+            env.close()
+        self.envs = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_fit_start: after a checkpoint is restored, before Lightning fetches the first batch.
@@ -125,12 +129,17 @@ class EnvInteraction(Callback):
                 f"the run is already at {pl_module.env_steps} env steps, not below total_env_steps "
                 f"({self.total_env_steps}); raise --env_interaction.total_env_steps to train further"
             )
-        # A fresh episode, seeded by the run's seed and the env step, so a resumed run is
-        # reproducible too (the episode in progress at the checkpoint is not restored).
-        seed = (self.seed if self.seed is not None else global_seed()) + pl_module.env_steps
-        self._obs, _ = self.env.reset(seed=seed)
-        self.env.action_space.seed(seed)
-        self._episode_return, self._episode_length = 0.0, 0
+        # A fresh episode, seeded by the run's seed (in a group each environment by its seed's)
+        # and the env step, so a resumed run is reproducible too (the episode in progress at the
+        # checkpoint is not restored).
+        seeds = [self.seed] if self.seed is not None else run_seeds(pl_module)
+        self._obs = []
+        for env, seed in zip(self.envs, seeds):
+            obs, _ = env.reset(seed=seed + pl_module.env_steps)
+            env.action_space.seed(seed + pl_module.env_steps)
+            self._obs.append(obs)
+        self._episode_returns = np.zeros(len(self.envs))
+        self._episode_lengths = np.zeros(len(self.envs), dtype=int)
         self._window_start = (pl_module.env_steps, time.perf_counter())
         while pl_module.env_steps < self.warmup_steps:
             self.env_step(trainer, pl_module, random=self.warmup_policy == "random")
@@ -149,37 +158,42 @@ class EnvInteraction(Callback):
 
     # ---- one env step -----------------------------------------------------------------------
     def env_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, random: bool) -> None:
+        grouped = getattr(pl_module, "seed_axis", None) is not None
         if random:
-            policy = lambda obs: self.env.action_space.sample()[None]  # noqa: E731
-        else:
+            actions = [env.action_space.sample()[None] for env in self.envs]
+        else:  # one call for every seed: [seeds, 1, obs_dim] in a group, [1, obs_dim] alone
             where = f"at env step {pl_module.env_steps + 1}"
-            policy = lambda obs: pl_module.act_on_host(obs, where=where, explore=True)  # noqa: E731
-        [step] = step_envs([self.env], [self._obs], policy)
-        trainer.datamodule.add(
-            TensorDict(
-                obs=torch.as_tensor(step.obs, dtype=torch.float32),
-                action=torch.as_tensor(step.action, dtype=torch.float32),
-                reward=torch.tensor(step.reward),
-                next_obs=torch.as_tensor(step.next_obs, dtype=torch.float32),
-                terminated=torch.tensor(step.terminated),
-            )
+            obs = np.stack(self._obs)[:, None] if grouped else self._obs[0][None]
+            chosen = pl_module.act_on_host(obs, where=where, explore=True)
+            actions = list(chosen) if grouped else [chosen]
+        steps = [step_envs([env], [obs], lambda _, a=action: a)[0]
+                 for env, obs, action in zip(self.envs, self._obs, actions)]
+        transition = TensorDict(
+            obs=torch.as_tensor(np.stack([s.obs for s in steps]), dtype=torch.float32),
+            action=torch.as_tensor(np.stack([s.action for s in steps]), dtype=torch.float32),
+            reward=torch.tensor([s.reward for s in steps]),
+            next_obs=torch.as_tensor(np.stack([s.next_obs for s in steps]), dtype=torch.float32),
+            terminated=torch.tensor([s.terminated for s in steps]),
+            batch_size=[len(steps)],
         )
+        trainer.datamodule.add(transition if grouped else transition[0])  # a group: one item per seed
         pl_module.env_steps += 1
-        self._episode_return += step.reward
-        self._episode_length += 1
-        next_obs = step.next_obs
-        if step.done:
-            self._finished_returns.append(self._episode_return)
-            self._finished_lengths.append(self._episode_length)
-            self.episodes += 1
-            self._episode_return, self._episode_length = 0.0, 0
-            next_obs, _ = self.env.reset()
-        self._obs = next_obs
+        for i, (env, step) in enumerate(zip(self.envs, steps)):
+            self._episode_returns[i] += step.reward
+            self._episode_lengths[i] += 1
+            next_obs = step.next_obs
+            if step.done:
+                self._finished[i].append((float(self._episode_returns[i]), int(self._episode_lengths[i])))
+                self.episodes[i] += 1
+                self._episode_returns[i], self._episode_lengths[i] = 0.0, 0
+                next_obs, _ = env.reset()
+            self._obs[i] = next_obs
         if pl_module.env_steps % self.log_every_env_steps == 0:
             self.log_window(trainer, pl_module)
 
     def log_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log the train metrics since the last log point (and check the losses are finite)."""
+        """Log the train metrics since the last log point (and check the losses are finite); in a
+        group, each seed's episodes and metrics to its own run."""
         pl_module.raise_if_not_finite()
         metrics = pl_module.window_metrics()
         steps0, t0 = self._window_start
@@ -187,18 +201,23 @@ class EnvInteraction(Callback):
         if pl_module.env_steps > steps0:
             metrics["time/env_steps_per_second"] = (pl_module.env_steps - steps0) / max(now - t0, 1e-9)
         self._window_start = (pl_module.env_steps, now)
-        if self._finished_returns:
-            metrics["train/episode_return"] = float(np.mean(self._finished_returns))
-            metrics["train/episode_length"] = float(np.mean(self._finished_lengths))
-            self._finished_returns.clear()
-            self._finished_lengths.clear()
-        metrics["train/episodes"] = float(self.episodes)
+        returns = [float(np.mean([r for r, _ in f])) if f else None for f in self._finished]
+        lengths = [float(np.mean([n for _, n in f])) if f else None for f in self._finished]
+        grouped = getattr(pl_module, "seed_axis", None) is not None
+        if any(r is not None for r in returns):
+            metrics["train/episode_return"] = returns if grouped else returns[0]
+            metrics["train/episode_length"] = lengths if grouped else lengths[0]
+        for finished in self._finished:
+            finished.clear()
+        metrics["train/episodes"] = [float(e) for e in self.episodes] if grouped else float(self.episodes[0])
         metrics["train/updates"] = float(pl_module.updates)
         log_metrics(trainer, metrics, step=pl_module.env_steps)
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"episodes": self.episodes}
+        # a run of one seed keeps the number it always kept; a group one per seed
+        return {"episodes": self.episodes[0] if len(self.episodes) == 1 else list(self.episodes)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.episodes = int(state_dict["episodes"])
+        episodes = state_dict["episodes"]
+        self.episodes = [int(e) for e in episodes] if isinstance(episodes, (list, tuple)) else [int(episodes)]

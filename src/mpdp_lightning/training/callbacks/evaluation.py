@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from mpdp_lightning.training.callbacks.env_interaction import global_seed
 from mpdp_lightning.training.callbacks.schedule import EnvStepRoutine
 from mpdp_lightning.training.metrics import log_metrics
+from mpdp_lightning.training.seed_runs import run_seeds, seed_action, seed_values
 from mpdp_lightning.envs.stepping import run_episodes
 from mpdp_lightning.envs.tasks import make_env
 
@@ -36,41 +36,52 @@ class Evaluation(EnvStepRoutine):
         self.eval_every, self.eval_episodes, self.seed = eval_every, eval_episodes, seed
         self.envs: list = []
         self.last_step = 0
-        self.latest_return: Optional[float] = None
-        self.best_return: Optional[float] = None
+        # the last and the best eval/return: a float, or in a group a list with one per seed
+        self.latest_return: Optional[Union[float, list[float]]] = None
+        self.best_return: Optional[Union[float, list[float]]] = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self.envs:
-            self.envs = [make_env(pl_module.task) for _ in range(self.eval_episodes)]
+        if not self.envs:  # eval_episodes environments per seed (a group has one set per seed)
+            self.envs = [[make_env(pl_module.task) for _ in range(self.eval_episodes)] for _ in run_seeds(pl_module)]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for env in self.envs:
-            env.close()
+        for envs in self.envs:
+            for env in envs:
+                env.close()
         self.envs = []
 
     @property
     def interval(self) -> int:
         return self.eval_every
 
-    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         return self.evaluate(trainer, pl_module)
 
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Run the episodes in lockstep, one batched policy call per step for all that are running."""
-        base_seed = (self.seed if self.seed is not None else global_seed() + EVAL_SEED_OFFSET) + pl_module.env_steps
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Run the episodes in lockstep, one batched policy call per step for all that are running;
+        in a group each seed's on its own environments, seeded from its seed as a run of that seed
+        alone seeds them, and logged to its own run (a value per seed)."""
         where = f"in the evaluation at env step {pl_module.env_steps}"
-        returns, lengths = run_episodes(
-            self.envs, [base_seed + i for i in range(len(self.envs))],
-            lambda obs: pl_module.act_on_host(obs, deterministic=True, where=where),
-        )
-        metrics = {
-            "eval/return": float(returns.mean()),
-            "eval/return_std": float(returns.std()),
-            "eval/length": float(lengths.mean()),
-        }
+        grouped = getattr(pl_module, "seed_axis", None) is not None
+        per_seed = []
+        for position, (seed, envs) in enumerate(zip(run_seeds(pl_module), self.envs)):
+            base_seed = (self.seed if self.seed is not None else seed + EVAL_SEED_OFFSET) + pl_module.env_steps
+            policy = (lambda obs: pl_module.act_on_host(obs, deterministic=True, where=where)) if not grouped else \
+                (lambda obs, position=position: seed_action(pl_module, position, obs, where))
+            returns, lengths = run_episodes(envs, [base_seed + i for i in range(len(envs))], policy)
+            per_seed.append({
+                "eval/return": float(returns.mean()),
+                "eval/return_std": float(returns.std()),
+                "eval/length": float(lengths.mean()),
+            })
+        metrics: dict[str, Any] = per_seed[0] if not grouped else {
+            name: [m[name] for m in per_seed] for name in per_seed[0]}
         self.last_step = pl_module.env_steps
-        self.latest_return = metrics["eval/return"]
-        self.best_return = max(self.latest_return, self.best_return if self.best_return is not None else -np.inf)
+        latest = [m["eval/return"] for m in per_seed]
+        best = seed_values(self.best_return, len(latest)) if self.best_return is not None else [-np.inf] * len(latest)
+        best = [max(r, b) for r, b in zip(latest, best)]
+        self.latest_return = latest if grouped else latest[0]
+        self.best_return = best if grouped else best[0]
         log_metrics(trainer, metrics, step=pl_module.env_steps)
         return metrics
 

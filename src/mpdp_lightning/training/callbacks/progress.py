@@ -27,6 +27,15 @@ def find_callback(trainer: pl.Trainer, kind: type) -> Any:
     return next((cb for cb in trainer.callbacks if isinstance(cb, kind)), None)
 
 
+def format_return(value: Any) -> str:
+    """An eval return for a line: ``123.4``; a group's one per seed, ``123.4/98.7/150.2``; ``-`` none yet."""
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return "/".join(f"{v:.1f}" for v in value)
+    return f"{value:.1f}"
+
+
 def format_duration(seconds: float) -> str:
     """3725 -> '1h02m', 125 -> '2m05s', 7.2 -> '7s'."""
     seconds = int(round(seconds))
@@ -123,7 +132,7 @@ class EnvStepProgressBar(ProgressBar):
     def _latest_return(self, trainer: pl.Trainer) -> str:
         evaluation = find_callback(trainer, Evaluation)
         latest = evaluation.latest_return if evaluation is not None else None
-        return "-" if latest is None else f"{latest:.1f}"
+        return format_return(latest)
 
     def _show(self, trainer: pl.Trainer, steps: int) -> None:
         self._last_shown = steps

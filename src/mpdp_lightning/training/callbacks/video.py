@@ -26,10 +26,10 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from mpdp_lightning.training.callbacks.env_interaction import global_seed
 from mpdp_lightning.training.callbacks.evaluation import EVAL_SEED_OFFSET
 from mpdp_lightning.training.callbacks.schedule import EnvStepRoutine
 from mpdp_lightning.training.metrics import log_metrics
+from mpdp_lightning.training.seed_runs import run_seeds, seed_position
 from mpdp_lightning.envs.stepping import EnvStep, run_episodes
 from mpdp_lightning.envs.tasks import make_env
 
@@ -126,26 +126,33 @@ class EvaluationVideo(EnvStepRoutine):
             return None
         start = time.perf_counter()
         with _ignore_half_built_viewer(), tempfile.TemporaryDirectory(prefix="mpdp-video-") as folder:
-            try:
-                path = Path(folder) / Path(artifact_name(env_steps)).name
-                self._write_episode(pl_module, path)
-                for logger in self._mlflow_loggers(trainer):
-                    logger.experiment.log_artifact(logger.run_id, str(path), ARTIFACT_DIR)
+            try:  # alone one video; in a group one per seed, each into its seed's run
+                grouped = getattr(pl_module, "seed_axis", None) is not None
+                for position, seed in enumerate(run_seeds(pl_module)):
+                    path = Path(folder) / str(position) / Path(artifact_name(env_steps)).name
+                    path.parent.mkdir()
+                    self._write_episode(pl_module, path, seed, position if grouped else None)
+                    for logger in self._mlflow_loggers(trainer):
+                        if seed_position(logger) in (None, position):
+                            logger.experiment.log_artifact(logger.run_id, str(path), ARTIFACT_DIR)
             except Exception as error:  # a video is never worth the run: say why once, then stop making them
                 self._fail(" ".join(f"{type(error).__name__}: {error}".split())[:300])
                 return None
         log_metrics(trainer, {"time/video_seconds": time.perf_counter() - start}, step=env_steps)
         return artifact_name(env_steps)
 
-    def _write_episode(self, pl_module: pl.LightningModule, path: Path) -> int:
-        """Run one deterministic episode of pi_0 into ``path``, streaming frames to ffmpeg; the frame count."""
+    def _write_episode(self, pl_module: pl.LightningModule, path: Path, run_seed: int,
+                       position: Optional[int] = None) -> int:
+        """Run one deterministic episode of pi_0 (of the seed at ``position`` in a group) into
+        ``path``, streaming frames to ffmpeg; the frame count. ``run_seed``: the seed whose
+        evaluation episode it shows."""
         import imageio.v2 as imageio  # imageio-ffmpeg brings its own ffmpeg binary
 
         env = self._render_env(pl_module.task)
         render_fps = float(env.metadata.get("render_fps") or REAL_TIME_FPS)
         skip = self.frame_skip or max(1, round(render_fps / REAL_TIME_FPS))
         fps = self.fps or render_fps / skip
-        seed = (self.seed if self.seed is not None else global_seed() + EVAL_SEED_OFFSET) + pl_module.env_steps
+        seed = (self.seed if self.seed is not None else run_seed + EVAL_SEED_OFFSET) + pl_module.env_steps
         writer = imageio.get_writer(
             path, format="FFMPEG", mode="I", fps=fps, codec="libx264", macro_block_size=2, ffmpeg_log_level="error"
         )
@@ -157,7 +164,11 @@ class EvaluationVideo(EnvStepRoutine):
             frames += 1
 
         def policy(obs: np.ndarray) -> np.ndarray:
-            actions = pl_module.act_on_host(obs, deterministic=True, finite=False)
+            if position is None:
+                actions = pl_module.act_on_host(obs, deterministic=True, finite=False)
+            else:
+                actions = pl_module.act_on_host(np.repeat(obs[None], len(pl_module.seed_axis), axis=0),
+                                                deterministic=True, finite=False)[position]
             if not np.isfinite(actions).all():  # a diverged policy: MuJoCo gets no NaN, the video ends
                 raise _PolicyDiverged
             return actions

@@ -1,0 +1,104 @@
+"""``mpdp fit --seeds 0,1``: a group of seeds run as a user runs it, and what each seed's MLflow run
+shows (training/seed_runs.py, algorithms/seed_group.py)."""
+
+import os
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from helpers import fit_args, tracking_uri
+from mpdp_lightning.cli import main
+
+# inverted_pendulum: 4 observations, so no weight gradient has the 11 rows whose two-thread GEMM
+# rounds differently in a group (tests/test_seed_group.py); one thread all the same, as there.
+TOTAL = 300
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _runs(client):
+    [experiment] = [e for e in client.search_experiments() if e.name == "mpdp"]
+    return client.search_runs([experiment.experiment_id])
+
+
+def _history(client, run_id, metric):
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
+
+
+def test_each_seed_of_a_group_is_its_own_mlflow_run_with_the_curves_of_that_seed_alone(in_tmp, one_thread, capsys):
+    main(fit_args("inverted_pendulum", TOTAL, "--seeds", "0,1"))
+    out = capsys.readouterr().out
+    assert "seeds 0,1 (one group)" in out
+    client = MlflowClient(tracking_uri())
+    group = {int(run.data.tags["seed"]): run for run in _runs(client)}
+    assert sorted(group) == [0, 1]
+    first = group[0].info.run_id
+    for seed, run in group.items():
+        assert run.data.tags["group"] == first and run.data.tags["group_seeds"] == "0,1"
+        assert run.info.run_name == f"inverted_pendulum-{seed}" and run.info.status == "FINISHED"
+    for seed in (0, 1):  # the same seed alone, in the same store
+        main(fit_args("inverted_pendulum", TOTAL, "--seed_everything", str(seed)))
+        alone = [r for r in _runs(client) if "group" not in r.data.tags and r.data.tags["seed"] == str(seed)]
+        [alone] = alone
+        for metric in ("eval/return", "train/critic_loss", "train/actor_loss", "train/alpha", "train/episode_return"):
+            grouped = _history(client, group[seed].info.run_id, metric)
+            assert grouped and grouped == _history(client, alone.info.run_id, metric), (seed, metric)
+
+
+def test_a_group_resumes_from_its_checkpoint_into_the_same_runs(in_tmp, one_thread, capsys):
+    main(fit_args("inverted_pendulum", 200, "--seeds", "0,1"))
+    client = MlflowClient(tracking_uri())
+    before = {run.data.tags["seed"]: run.info.run_id for run in _runs(client)}
+    [checkpoint] = list(in_tmp.glob("runs/checkpoints/*/last.ckpt"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # only with the seeds it holds
+        main(fit_args("inverted_pendulum", TOTAL, "--seeds", "0,2", "--ckpt_path", str(checkpoint)))
+    assert exit_.value.code == 2
+    assert "holds seeds 0,1, and the command gives --seeds 0,2" in capsys.readouterr().err
+    main(fit_args("inverted_pendulum", TOTAL, "--seeds", "0,1", "--ckpt_path", str(checkpoint)))
+    after = {run.data.tags["seed"]: run.info.run_id for run in _runs(client)}
+    assert after == before  # no new run: each seed goes on in its own
+    for run_id in before.values():
+        steps = [step for step, _ in _history(client, run_id, "eval/return")]
+        assert steps == [100, 200, 300]
+    # resumed, seed 1's curves are those of seed 1 alone resumed the same way (the weights, the
+    # optimizers, the buffer's seed column and the seed's random stream all came back)
+    alone_folder = in_tmp / "alone"
+    alone_folder.mkdir()
+    os.chdir(alone_folder)
+    main(fit_args("inverted_pendulum", 200, "--seed_everything", "1"))
+    [alone_checkpoint] = list(alone_folder.glob("runs/checkpoints/*/last.ckpt"))
+    main(fit_args("inverted_pendulum", TOTAL, "--seed_everything", "1", "--ckpt_path", str(alone_checkpoint)))
+    alone_client = MlflowClient(tracking_uri())
+    [alone] = _runs(alone_client)
+    for metric in ("eval/return", "train/critic_loss", "train/alpha"):
+        assert _history(alone_client, alone.info.run_id, metric) == _history(client, before["1"], metric), metric
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--seeds", "0,0"), "seeds must differ"),
+    (("--seeds", "0,x"), "comma-separated non-negative integers"),
+    (("--seeds", "0,1", "--env_interaction.seed", "3"), "env_interaction.seed"),
+])
+def test_a_bad_group_is_one_error_line_before_any_work(in_tmp, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(fit_args("inverted_pendulum", TOTAL, *args))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert list(in_tmp.iterdir()) == []
+
+
+def test_a_model_based_group_is_refused_until_its_fits_are_per_seed(in_tmp, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(fit_args("inverted_pendulum", TOTAL, "--seeds", "0,1", algo="mpdp"))
+    assert exit_.value.code == 2
+    assert "cannot fit its world models yet" in capsys.readouterr().err
+    assert list(in_tmp.iterdir()) == []
