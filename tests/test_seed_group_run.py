@@ -86,6 +86,7 @@ def test_a_group_resumes_from_its_checkpoint_into_the_same_runs(in_tmp, one_thre
     (("--seeds", "0,0"), "seeds must differ"),
     (("--seeds", "0,x"), "comma-separated non-negative integers"),
     (("--seeds", "0,1", "--env_interaction.seed", "3"), "env_interaction.seed"),
+    (("--seeds", "0,1", "--trainer.logger", "true"), "each seed to its own run"),
 ])
 def test_a_bad_group_is_one_error_line_before_any_work(in_tmp, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:

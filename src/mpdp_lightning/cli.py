@@ -236,6 +236,9 @@ class MPDPCLI(LightningCLI):
                     logger for position, seed in enumerate(seeds)
                     for logger in self._seed_loggers(specs, config, position, seed)
                 ]
+        elif seeds is not None and self.trainer.loggers:  # Lightning's default logger: one run for N seeds
+            raise MPDPError("trainer.logger: a group of seeds logs each seed to its own run, which needs the logger "
+                            "given as class_path and init_args (as conf/base.yaml's MLFlowLogger), or false")
 
     def _seed_loggers(self, specs: list, config: Any, position: int, seed: int) -> list:
         """The loggers of seed number ``position``: each spec with that seed's run name (``task-seed``
