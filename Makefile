@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 # make train TASK=hopper [ALGO=mpdp|sac|mbpo] [PRESET=auto|quick|paper] ARGS="--model.beta 0.7"
 #            [RESUME=runs/checkpoints/<run>/last.ckpt] [SEEDS=0,1,2]
-# SEEDS: those seeds in one process, one update for all (a group: docs/seed-groups.md; SAC for now),
+# SEEDS: those seeds in one process, one update for all (a group: docs/seed-groups.md; SAC, MPDP),
 # each seed its own MLflow run.
 # MPDP and MBPO run their paper preset where torch sees a GPU and their quick preset on a
 # CPU-only machine (conf/preset/<algo>/); SAC has one size. COPlanner: ARGS="--coplanner.enabled true".

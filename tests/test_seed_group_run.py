@@ -97,9 +97,42 @@ def test_a_bad_group_is_one_error_line_before_any_work(in_tmp, capsys, args, mes
     assert list(in_tmp.iterdir()) == []
 
 
-def test_a_model_based_group_is_refused_until_its_fits_are_per_seed(in_tmp, capsys):
+@pytest.mark.parametrize("algo, args, message", [
+    ("mbpo", (), "cannot run MBPO's model rollouts yet"),
+    ("mpdp", ("--coplanner.enabled", "true"), "cannot run COPlanner's planners yet"),
+])
+def test_mbpo_and_coplanner_groups_are_refused_until_their_rollouts_are_per_seed(in_tmp, capsys, algo, args, message):
     with pytest.raises(SystemExit) as exit_:
-        main(fit_args("inverted_pendulum", TOTAL, "--seeds", "0,1", algo="mpdp"))
+        main(fit_args("inverted_pendulum", TOTAL, "--seeds", "0,1", *args, algo=algo))
     assert exit_.value.code == 2
-    assert "cannot fit its world models yet" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert list(in_tmp.iterdir()) == []
+
+
+MPDP_TINY = ("--model.ensemble_size", "3", "--model.num_elites", "2", "--model.model_hidden", "32",
+             "--model.model_layers", "2", "--model.model_train_every", "100", "--model.model_max_epochs", "2",
+             "--model.horizon", "3", "--env_interaction.log_every_env_steps", "10")
+
+
+def test_an_mpdp_group_fits_each_seeds_model_as_that_seed_alone(in_tmp, one_thread):
+    """Each seed's world model fitted on its own transitions with its own Adam slice, step count and
+    generator: the first fit is the same bits as the seed alone (rows masked alone too); the
+    updates after it agree to float rounding (docs/seed-groups.md: not yet to the bit through the
+    CLI, though they are in tests/test_seed_group.py)."""
+    main(fit_args("inverted_pendulum", 130, "--seeds", "0,1", *MPDP_TINY, algo="mpdp"))
+    client = MlflowClient(tracking_uri())
+    group = {run.data.tags["seed"]: run.info.run_id for run in _runs(client)}
+    alone_folder = in_tmp / "alone"
+    alone_folder.mkdir()
+    os.chdir(alone_folder)
+    main(fit_args("inverted_pendulum", 130, "--seed_everything", "1", "--model.compact_rows", "false", *MPDP_TINY,
+                  algo="mpdp"))
+    alone_client = MlflowClient(tracking_uri())
+    [alone] = _runs(alone_client)
+    for metric in ("model/holdout_mse", "model/holdout_nll", "model/epochs", "model/u_mean"):  # fitted at 101
+        assert _history(client, group["1"], metric) == _history(alone_client, alone.info.run_id, metric), metric
+    for metric in ("train/critic_loss", "train/actor_loss", "train/J", "train/u_mean", "train/horizon_mean"):
+        grouped, single = _history(client, group["1"], metric), _history(alone_client, alone.info.run_id, metric)
+        assert [s for s, _ in grouped] == [s for s, _ in single] and grouped, metric
+        assert torch.allclose(torch.tensor([v for _, v in grouped]), torch.tensor([v for _, v in single]), rtol=1e-4), metric
+    assert _history(client, group["0"], "model/holdout_mse") != _history(client, group["1"], "model/holdout_mse")

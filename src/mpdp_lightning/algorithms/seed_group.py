@@ -29,7 +29,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 # Parts that the seed axis does not reach yet: MBPO's branched rollouts (a model replay of its own
 # per seed) and COPlanner's planners (acting through the model). The world model's fit has
-# per-seed host decisions (early stopping, elites) and is refused at fit time (model_phase.py).
+# per-seed host decisions (early stopping, elites): it runs seed by seed (parts/model_phase.py).
 UNSUPPORTED_PARTS = ("rollouts", "explorer", "rollout_planner")
 
 
@@ -92,9 +92,12 @@ class _SeedCall(nn.Module):
 class SeedAxis:
     """The group's view of the seed axis: how many seeds, their streams, and ``map``."""
 
-    def __init__(self, seeds: Sequence[int], streams: SeedStreams) -> None:
+    def __init__(self, seeds: Sequence[int], streams: SeedStreams, solo_world_model: Optional[nn.Module] = None) -> None:
         self.seeds = tuple(seeds)
         self.streams = streams
+        # one seed's world model, into which each seed's slice is loaded to fit it
+        # (parts/model_phase.py: the fits decide on the host, per seed); not part of the state
+        self.solo_world_model = solo_world_model
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -160,7 +163,9 @@ def stack_agents(agents: Sequence[nn.Module], seeds: Sequence[int], rng_states: 
         _set(group, name, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
     for name, value in buffers.items():
         _set(group, name, value.clone())
-    group.seed_axis = SeedAxis(seeds, SeedStreams(seeds, rng_states, group.device))
+    solo = getattr(agents[0], "world_model", None)
+    group.seed_axis = SeedAxis(seeds, SeedStreams(seeds, rng_states, group.device),
+                               copy.deepcopy(solo) if solo is not None else None)
     group._plan = None  # resolved again, for a group (rows masked, nothing compiled)
     group.captured_update = None  # a graph captured for agents[0] is not the group's
     return group

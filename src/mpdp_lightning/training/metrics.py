@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 import lightning.pytorch as pl
 import torch
 
-from mpdp_lightning.training.seed_runs import for_logger
+from mpdp_lightning.training.seed_runs import for_logger, seed_position
 
 
 class MetricAccumulator:
@@ -140,10 +140,11 @@ class PhaseTimer:
         return means
 
 
-def log_json_artifact(trainer: pl.Trainer, data: Any, name: str) -> None:
-    """Write ``data`` as the JSON artifact ``name`` of every MLflow run of ``trainer`` (overwriting)."""
+def log_json_artifact(trainer: pl.Trainer, data: Any, name: str, per_seed: bool = False) -> None:
+    """Write ``data`` as the JSON artifact ``name`` of every MLflow run of ``trainer`` (overwriting);
+    ``per_seed``: ``data`` is a group's list, each seed's run gets its own entry."""
     from lightning.pytorch.loggers import MLFlowLogger
 
     for logger in trainer.loggers:
         if isinstance(logger, MLFlowLogger):
-            logger.experiment.log_dict(logger.run_id, data, name)
+            logger.experiment.log_dict(logger.run_id, data[seed_position(logger)] if per_seed else data, name)

@@ -90,12 +90,17 @@ class HStepImprovement(nn.Module):
         """Adds the window's horizon histogram to ``horizon_histogram.json`` ({env step: rows per
         horizon 0..H}; ``trainer``'s loggers, none outside a Trainer), and warns when every
         imagined row keeps stopping at its first step: MPDP has then become SAC."""
-        counts = self.horizon_counts.tolist()
+        counts = self.horizon_counts.tolist()  # a group: one list per seed, each to its seed's run
         self.horizon_counts.zero_()
-        if sum(counts) and trainer is not None:
+        grouped = self.horizon_counts.dim() > 1
+        if sum(map(sum, counts) if grouped else counts) and trainer is not None:
             self.horizon_history[env_steps] = counts
-            log_json_artifact(trainer, {str(k): v for k, v in self.horizon_history.items()}, "horizon_histogram.json")
-        if metrics.get("train/stopped_at_first_step") == 1.0:
+            history = {str(k): v for k, v in self.horizon_history.items()}
+            if grouped:
+                history = [{k: v[i] for k, v in history.items()} for i in range(len(counts))]
+            log_json_artifact(trainer, history, "horizon_histogram.json", per_seed=grouped)
+        stopped = metrics.get("train/stopped_at_first_step")
+        if stopped is not None and all(v == 1.0 for v in (stopped if isinstance(stopped, list) else [stopped])):
             self._sac_windows += 1
             if self._sac_windows == 3:
                 rank_zero_warn(

@@ -12,7 +12,6 @@ import torch
 from tensordict import TensorDictBase
 
 from mpdp_lightning.algorithms.parts.agent_view import AgentView
-from mpdp_lightning.errors import MPDPError
 from mpdp_lightning.models.world_model import FitReport, fit_ensemble
 from mpdp_lightning.training.clock import passed_multiple
 from mpdp_lightning.training.metrics import log_metrics
@@ -35,19 +34,18 @@ class EnsembleFit:
         """First at the first update, then at multiples of ``train_every`` env steps."""
         return self.trained_at is None or passed_multiple(self.trained_at, env_steps, self.train_every)
 
-    def fit_world_model(self, agent: AgentView) -> dict[str, float]:
-        """Fit the ensemble on every stored transition with the "model" optimizer; log model/*."""
-        start = time.perf_counter()
+    def fit_world_model(self, agent: AgentView) -> dict[str, Any]:
+        """Fit the ensemble on every stored transition with the "model" optimizer; log model/*.
+        In a group of seeds, each seed's model on its own transitions, one seed after another
+        (``fit_each_seed``)."""
         if agent.seed_axis is not None:
-            raise MPDPError("a group of seeds cannot fit its world models yet (each seed stops early and picks "
-                            "its elites on the host); run model-based seeds one per process")
+            return self.fit_each_seed(agent)
+        start = time.perf_counter()
         datamodule = agent.trainer.datamodule
         metrics: dict[str, float] = {}
         if self.trained_at is not None:  # Fig. 3: error on transitions the model has not seen
-            metrics["model/error_l2"] = prediction_error(agent, datamodule.latest(agent.env_steps - self.trained_at))
-        data = datamodule.contents()
-        inputs = torch.cat([data["obs"], data["action"]], dim=-1)
-        targets = torch.cat([data["next_obs"] - data["obs"], data["reward"].unsqueeze(-1)], dim=-1)
+            metrics["model/error_l2"] = prediction_error(agent.world_model, datamodule.latest(agent.env_steps - self.trained_at))
+        inputs, targets = fit_rows(datamodule.contents())
 
         def fit(compiled: bool) -> FitReport:
             return fit_ensemble(
@@ -61,17 +59,52 @@ class EnsembleFit:
         agent.record_phase("model", torch.tensor(report.holdout_nll, device=agent.device))
         if not math.isfinite(report.holdout_nll):
             agent.raise_if_not_finite()
+        metrics.update(report_metrics(report))
+        return self._finish(agent, metrics, start)
+
+    def fit_each_seed(self, agent: AgentView) -> dict[str, Any]:
+        """A group's fits: each seed's model, with its own slice of the Adam moments and its own
+        step count, fitted on its own column of the storage with its own generator (holdout,
+        bootstraps, minibatch orders), exactly as that seed alone fits it; then written back into
+        the stacked state. The fits have per-seed host decisions (early stopping, elites), so they
+        run one after another: N times one fit's cost, every ``train_every`` env steps."""
+        start = time.perf_counter()
+        datamodule = agent.trainer.datamodule
+        axis = agent.seed_axis
+        solo, stacked = axis.solo_world_model.to(agent.device), agent.world_model
+        data = datamodule.contents()
+        latest = datamodule.latest(agent.env_steps - self.trained_at) if self.trained_at is not None else None
+        per_seed: list[dict[str, float]] = []
+        for position, generator in enumerate(axis.streams.generators):
+            seed_slice_into(solo, stacked, position)
+            optimizer = SeedSliceOptimizer(agent.optimizer("model"), stacked, solo, position)
+            metrics: dict[str, float] = {}
+            if latest is not None:
+                metrics["model/error_l2"] = prediction_error(solo, latest[:, position])
+
+            def step(loss: torch.Tensor) -> None:  # what agent.optimize("model", ...) does alone
+                optimizer.solo.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.solo.step()
+
+            inputs, targets = fit_rows(data[:, position])
+            report = fit_ensemble(solo, inputs, targets, step=step, batch_size=self.batch_size,
+                                  holdout_ratio=self.holdout_ratio, max_holdout=self.max_holdout,
+                                  max_epochs=self.max_epochs, patience=self.patience, generator=generator)
+            seed_slice_from(solo, stacked, position)
+            optimizer.write_back()
+            metrics.update(report_metrics(report))
+            per_seed.append(metrics)
+        nll = torch.tensor([m["model/holdout_nll"] for m in per_seed], device=agent.device)
+        agent.record_phase("model", nll)
+        if not torch.isfinite(nll).all():
+            agent.raise_if_not_finite()
+        return self._finish(agent, {name: [m[name] for m in per_seed] for name in per_seed[0]}, start)
+
+    def _finish(self, agent: AgentView, metrics: dict[str, Any], start: float) -> dict[str, Any]:
         self.trained_at = agent.env_steps
         self.fits += 1
-        metrics.update({
-            "model/holdout_mse": report.holdout_mse,
-            "model/holdout_nll": report.holdout_nll,
-            "model/epochs": float(report.epochs),
-            "model/elites": float(len(report.elites)),
-            "model/u_mean": report.u_mean,
-            "model/mean_spread": report.mean_spread,
-            "time/model_fit_seconds": time.perf_counter() - start,
-        })
+        metrics["time/model_fit_seconds"] = time.perf_counter() - start
         log_metrics(agent.trainer, metrics, step=agent.env_steps)
         return metrics
 
@@ -83,8 +116,77 @@ class EnsembleFit:
         self.fits = int(counters.get("model_fits", 0))
 
 
+def fit_rows(data: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's inputs (obs, action) and targets (obs change, reward) of stored transitions."""
+    inputs = torch.cat([data["obs"], data["action"]], dim=-1)
+    targets = torch.cat([data["next_obs"] - data["obs"], data["reward"].unsqueeze(-1)], dim=-1)
+    return inputs, targets
+
+
+def report_metrics(report: FitReport) -> dict[str, float]:
+    return {
+        "model/holdout_mse": report.holdout_mse,
+        "model/holdout_nll": report.holdout_nll,
+        "model/epochs": float(report.epochs),
+        "model/elites": float(len(report.elites)),
+        "model/u_mean": report.u_mean,
+        "model/mean_spread": report.mean_spread,
+    }
+
+
 @torch.no_grad()
-def prediction_error(agent: AgentView, transitions: TensorDictBase) -> float:
+def prediction_error(world_model: torch.nn.Module, transitions: TensorDictBase) -> float:
     """Mean L2 distance between the elites' mean predicted next observation and the real one."""
-    predicted, _ = agent.world_model.predict_mean(transitions["obs"], transitions["action"])
+    predicted, _ = world_model.predict_mean(transitions["obs"], transitions["action"])
     return (predicted - transitions["next_obs"]).norm(dim=-1).mean().item()
+
+
+@torch.no_grad()
+def seed_slice_into(solo: torch.nn.Module, stacked: torch.nn.Module, position: int) -> None:
+    """Seed ``position``'s slice of a group's stacked module into ``solo`` (one seed's module)."""
+    for (name, value), (_, source) in zip(_state(solo), _state(stacked)):
+        value.copy_(source[position])
+
+
+@torch.no_grad()
+def seed_slice_from(solo: torch.nn.Module, stacked: torch.nn.Module, position: int) -> None:
+    """``solo``'s state back into seed ``position``'s slice of the stacked module."""
+    for (name, value), (_, target) in zip(_state(solo), _state(stacked)):
+        target[position].copy_(value)
+
+
+def _state(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+class SeedSliceOptimizer:
+    """One seed's view of a group's optimizer: ``solo``, an optimizer of the same class and
+    settings (param groups) over one seed's module, holding that seed's slice of the group's state
+    (Adam's moments, and a step count per seed: kept [seeds] in the group's state, since seeds
+    stop their fits at different epochs); ``write_back`` returns it to the group's state."""
+
+    def __init__(self, group: torch.optim.Optimizer, stacked: torch.nn.Module, solo: torch.nn.Module,
+                 position: int) -> None:
+        self.group, self.position = group, position
+        solo_of = {id(p): q for (_, p), (_, q) in zip(stacked.named_parameters(), solo.named_parameters())}
+        self.pairs = [(p, solo_of[id(p)]) for g in group.param_groups for p in g["params"]]
+        settings = [{**{k: v for k, v in g.items() if k != "params"}, "params": [solo_of[id(p)] for p in g["params"]]}
+                    for g in group.param_groups]
+        self.solo = type(group)(settings)
+        for stacked_param, solo_param in self.pairs:
+            state = group.state.get(stacked_param)
+            if state:
+                self.solo.state[solo_param] = {key: value[position].clone() for key, value in state.items()}
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        for stacked_param, solo_param in self.pairs:
+            solo_state = self.solo.state.get(solo_param)
+            if not solo_state:
+                continue
+            state = self.group.state.setdefault(stacked_param, {})
+            seeds = stacked_param.shape[0]
+            for key, value in solo_state.items():
+                if key not in state:
+                    state[key] = value.new_zeros((seeds, *value.shape))
+                state[key][self.position].copy_(value)
