@@ -125,42 +125,28 @@ def test_seeds_per_process_groups_each_arms_seeds_into_one_command(tmp_path):
     assert single == trial_argv(sweep, processes[2].members[0], _place(tmp_path), [], "quick")  # a lone seed: as before
 
 
-def test_a_sweep_of_seed_groups_gives_each_seed_its_own_run_record_and_finished_trial(tmp_path):
-    pytest.importorskip("ray")
-    sweep_file = _sweep_file(tmp_path, seeds=(0, 1), seeds_per_process=2)  # one process, two seeds
-    first = _run_sweep(tmp_path, sweep_file, False, "--max-concurrent", "1")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    runs = _runs(tmp_path)
-    assert [r.data.tags["trial"] for r in runs] == [f"inverted_pendulum-sac-s{seed}" for seed in (0, 1)]
-    assert [r.data.tags["seed"] for r in runs] == ["0", "1"]
-    assert runs[0].data.tags["group"] == runs[1].data.tags["group"] == runs[0].info.run_id
-    for run in runs:
-        assert run.info.status == "FINISHED" and run.info.run_name == run.data.tags["trial"]
-        record = json.loads((tmp_path / f"benchmarks/results/tiny/{run.data.tags['trial']}.json").read_text())
-        assert record["seed"] == int(run.data.tags["seed"]) and len(record["curves"]["eval/return"]) == 3
-        assert (tmp_path / "store" / run.data.tags["trial"] / "done.json").is_file()
-    assert (tmp_path / "store/inverted_pendulum-sac-s0+1/last.ckpt").is_file()  # the group's checkpoint
-    again = _run_sweep(tmp_path, sweep_file)
-    assert again.returncode == 0 and "2 trials: 2 finished" in again.stdout and "0 to start" in again.stdout
-
-
 def test_a_tiny_sweep_runs_its_trials_and_running_it_again_starts_none(tmp_path):
+    """Three seeds, two to a process (``seeds_per_process``): a group of seeds 0 and 1, then seed 2
+    alone; every seed its own trial, MLflow run, done.json and record either way."""
     pytest.importorskip("ray")
-    sweep_file = _sweep_file(tmp_path)
+    sweep_file = _sweep_file(tmp_path, seeds=(0, 1, 2), seeds_per_process=2)
     first = _run_sweep(tmp_path, sweep_file, False, "--max-concurrent", "1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "2 trials: 0 finished (0 of them from records in" in first.stdout and "0 to resume, 2 to start" in first.stdout
+    assert "3 trials: 0 finished (0 of them from records in" in first.stdout and "0 to resume, 3 to start" in first.stdout
     assert "(up to 1 at a time)" in first.stdout
 
     runs = _runs(tmp_path)
-    assert [r.data.tags["trial"] for r in runs] == ["inverted_pendulum-sac-s0", "inverted_pendulum-sac-s1"]
-    for run, seed in zip(runs, (0, 1)):
-        assert run.info.status == "FINISHED"
+    assert [r.data.tags["trial"] for r in runs] == [f"inverted_pendulum-sac-s{seed}" for seed in (0, 1, 2)]
+    for run, seed in zip(runs, (0, 1, 2)):
+        assert run.info.status == "FINISHED" and run.info.run_name == run.data.tags["trial"]
         tags = run.data.tags
         assert (tags["task"], tags["algo"], tags["seed"], tags["sweep"]) == ("inverted_pendulum", "SAC", str(seed), "tiny")
-    # --max-concurrent 1: one trial after the other, never side by side
-    windows = sorted((r.info.start_time, r.info.end_time) for r in runs)
-    assert windows[0][1] <= windows[1][0], windows
+    assert runs[0].data.tags["group"] == runs[1].data.tags["group"] == runs[0].info.run_id
+    assert "group" not in runs[2].data.tags
+    assert (tmp_path / "store/inverted_pendulum-sac-s0+1/last.ckpt").is_file()  # the group's checkpoint
+    # --max-concurrent 1: one process after the other, never side by side
+    group_end = max(r.info.end_time for r in runs[:2])
+    assert group_end <= runs[2].info.start_time, (group_end, runs[2].info.start_time)
     assert all((tmp_path / "store" / r.data.tags["trial"] / "done.json").is_file() for r in runs)
     # each finished trial wrote its record: its curve, config, commit and wall time
     client = MlflowClient(_place(tmp_path).tracking_uri)
@@ -181,7 +167,7 @@ def test_a_tiny_sweep_runs_its_trials_and_running_it_again_starts_none(tmp_path)
 
     again = _run_sweep(tmp_path, sweep_file, compare=True)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "2 trials: 2 finished (0 of them from records in" in again.stdout and "0 to resume, 0 to start" in again.stdout
+    assert "3 trials: 3 finished (0 of them from records in" in again.stdout and "0 to resume, 0 to start" in again.stdout
     assert "Ray" not in again.stdout + again.stderr, "no trial, so not even Ray is started"
     assert [(r.info.run_id, r.info.end_time) for r in _runs(tmp_path)] == [(r.info.run_id, r.info.end_time) for r in runs]
     # the comparison over the seeds, written beside the trials and logged to the sweep's summary run
