@@ -554,7 +554,8 @@ def run(sweep: Sweep, place: Place, extra: list[str], cwd: Path, dry_run: bool =
         ray.shutdown()
     unfinished = [trial for trial in pending if not place.done(trial).is_file()]
     for trial in unfinished:
-        print(f"not finished: {trial.key} (log: {place.trial_dir(trial) / 'trial.log'})", flush=True)
+        process = next(p for p in processes if trial in p.members)  # a group's log is in its folder
+        print(f"not finished: {trial.key} (log: {place.trial_dir(process) / 'trial.log'})", flush=True)
     if unfinished:
         print("run the same command again to resume them from their last checkpoints", flush=True)
     return len(unfinished)
