@@ -171,3 +171,17 @@ class SlowBoundaryAfterSigterm(Callback):
         if trainer.received_sigterm and not self.slept:
             self.slept = True
             time.sleep(self.seconds)
+
+
+class PoisonSeedAt(Callback):
+    """Turns one seed's critic weights (group position ``position``) into NaN after the update at
+    ``env_step``: a stand-in for one seed of a group diverging."""
+
+    def __init__(self, env_step: int, position: int) -> None:
+        self.env_step, self.position = env_step, position
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.env_steps == self.env_step:
+            with torch.no_grad():
+                for p in pl_module.critic.parameters():
+                    p[self.position].fill_(float("nan"))

@@ -136,3 +136,29 @@ def test_an_mpdp_group_fits_each_seeds_model_as_that_seed_alone(in_tmp, one_thre
         assert [s for s, _ in grouped] == [s for s, _ in single] and grouped, metric
         assert torch.allclose(torch.tensor([v for _, v in grouped]), torch.tensor([v for _, v in single]), rtol=1e-4), metric
     assert _history(client, group["0"], "model/holdout_mse") != _history(client, group["1"], "model/holdout_mse")
+
+
+def test_a_seed_that_goes_non_finite_stops_alone_and_the_others_train_on_unchanged(in_tmp, one_thread, capsys):
+    main(fit_args("inverted_pendulum", TOTAL, "--seeds", "0,1"))  # the reference: no seed breaks
+    client = MlflowClient(tracking_uri())
+    reference = {run.data.tags["seed"]: run.info.run_id for run in _runs(client)}
+    broken_folder = in_tmp / "broken"
+    broken_folder.mkdir()
+    os.chdir(broken_folder)
+    capsys.readouterr()
+    main(fit_args("inverted_pendulum", TOTAL, "--seeds", "0,1", "--trainer.callbacks+=helpers.PoisonSeedAt",
+                  "--trainer.callbacks.env_step", "150", "--trainer.callbacks.position", "1"))
+    err = capsys.readouterr().err
+    assert "seed 1 stopped: " in err and "the critic phase's loss became nan first" in err
+    assert "the other seeds go on" in err
+    broken_client = MlflowClient(tracking_uri())
+    runs = {run.data.tags["seed"]: run for run in _runs(broken_client)}
+    assert runs["1"].info.status == "FAILED" and "critic" in runs["1"].data.tags["stopped"]
+    assert runs["0"].info.status == "FINISHED"
+    assert [s for s, _ in _history(broken_client, runs["1"].info.run_id, "eval/return")] == [100]
+    for metric in ("eval/return", "train/critic_loss", "train/actor_loss", "train/alpha"):  # seed 0: as if nothing happened
+        assert _history(broken_client, runs["0"].info.run_id, metric) == _history(client, reference["0"], metric), metric
+    [kept] = list(broken_folder.glob("runs/checkpoints/*/last-good-seed1.ckpt"))
+    state = torch.load(kept, map_location="cpu", weights_only=False)
+    assert state["counters"]["env_steps"] < 150  # written before the NaN
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())

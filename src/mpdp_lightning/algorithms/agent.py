@@ -140,6 +140,7 @@ class Agent(pl.LightningModule):
 
         # None alone; set by algorithms/seed_group.py when this module holds N seeds' states
         self.seed_axis: Optional[SeedAxis] = None
+        self.stopped_seeds: set[int] = set()  # a group's seeds (positions) stopped by a NaN or inf
 
         self.env_steps = 0
         self.updates = 0
@@ -354,6 +355,11 @@ class Agent(pl.LightningModule):
             self.rollouts.schedule_start = self.warmup_steps
 
     def on_train_start(self) -> None:
+        if self.seed_axis is not None:  # a resumed group: the seeds stopped before stay stopped
+            from mpdp_lightning.training.seed_runs import stop_seed
+
+            for position in sorted(self.stopped_seeds):
+                stop_seed(self.trainer, self, position, None)
         if self.rollouts is not None and self.model_phase.trained_at is not None and self.rollouts.model_replay is None:
             self.rollouts.branch(self)  # a resumed MBPO run: its model and buffer are restored, not its rollouts
         # A resumed run's optimizers come with the param groups of the device they were saved on
@@ -410,6 +416,13 @@ class Agent(pl.LightningModule):
         """
         obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
         actions = (self.explore(obs) if explore else self.act(obs, deterministic)).cpu().numpy()
+        if self.seed_axis is not None and finite:  # a group: a seed whose action broke stops alone
+            bad = [i for i in range(len(actions)) if not np.isfinite(actions[i]).all() and i not in self.stopped_seeds]
+            if bad:
+                self._stop_broken_seeds(" ".join(filter(None, ("pi_0's action", where))), False, bad)
+            for position in self.stopped_seeds:  # a stopped seed's environment gets no NaN
+                actions[position] = 0.0
+            return actions
         if finite and not np.isfinite(actions).all():
             shown = actions[0] if len(actions) == 1 else actions
             self.raise_if_not_finite(" ".join(filter(None, ("pi_0's action", where, f"was {shown.tolist()}"))))
@@ -443,20 +456,15 @@ class Agent(pl.LightningModule):
             scan_parameters: when no phase recorded one, look for non-finite weights anyway (set
                 only by something changed outside the phases); implied by ``when``.
         """
-        first, which = None, ""
-        if self.seed_axis is None:
-            first = self.guard.first()
-        else:  # a group: the first seed that broke (the others are named no further)
-            for position, seed in enumerate(self.seed_axis.seeds):
-                first = self.guard.first(seed=position)
-                if first is not None:
-                    which = f"seed {seed}: "
-                    break
+        if self.seed_axis is not None:
+            self._stop_broken_seeds(when, scan_parameters)
+            return
+        first = self.guard.first()
         broken = non_finite_parameters(self) if first is None and (scan_parameters or when) else []
         if first is None and not broken and not when:
             return
         if first is not None:
-            cause = f"{which}the {first.phase} phase's {first.what} first, in update {first.update}"
+            cause = f"the {first.phase} phase's {first.what} first, in update {first.update}"
         elif broken:
             cause = f"non-finite parameters in {', '.join(broken)} (changed outside the update phases)"
         else:
@@ -465,6 +473,33 @@ class Agent(pl.LightningModule):
         raise NonFiniteLossError(
             f"{lead}{cause}; the run stopped at env step {self.env_steps} and its last good checkpoint is kept"
         )
+
+    def _stop_broken_seeds(self, when: str, scan_parameters: bool, positions: Sequence[int] = ()) -> None:
+        """A group's ``raise_if_not_finite``: each seed that broke (its guard's record, or with
+        ``scan_parameters`` a non-finite weight of its own, or one of ``positions``: its action was
+        non-finite) is stopped while the others go on (training/seed_runs.py); once every seed has
+        stopped, the run stops as a run of one seed does."""
+        from mpdp_lightning.training.seed_runs import stop_seed
+
+        message = None
+        for position, seed in enumerate(self.seed_axis.seeds):
+            if position in self.stopped_seeds:
+                continue
+            first = self.guard.first(seed=position)
+            if first is not None:
+                cause = f"the {first.phase} phase's {first.what} first, in update {first.update}"
+            elif position in positions or (scan_parameters and not all(
+                    torch.isfinite(p[position]).all() for p in self.parameters())):
+                cause = "non-finite parameters" if position not in positions else "its action was non-finite"
+            else:
+                continue
+            lead = f"{when}: " if when and position in positions else ""
+            message = f"{lead}{cause}, at env step {self.env_steps}"
+            stop_seed(self.trainer, self, position, message)
+            message = f"seed {seed}: {message}"
+        if len(self.stopped_seeds) == len(self.seed_axis) and message is not None:
+            raise NonFiniteLossError(f"{message}, the last seed of the group; the run stopped and its last good "
+                                     "checkpoint is kept")
 
     # ---- checkpoint ----------------------------------------------------------------------------
     def parts(self) -> list[Any]:
@@ -480,6 +515,7 @@ class Agent(pl.LightningModule):
         if self.seed_axis is not None:  # a group: its seeds and where each seed's random stream is
             checkpoint["seeds"] = list(self.seed_axis.seeds)
             checkpoint["seed_streams"] = self.seed_axis.streams.state_dict()
+            checkpoint["stopped_seeds"] = sorted(self.stopped_seeds)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         upgrade_checkpoint(checkpoint)  # older layouts' keys, or one line naming what wrote it
@@ -496,6 +532,7 @@ class Agent(pl.LightningModule):
                                   "resume it with the seeds it was trained with")
         if self.seed_axis is not None:
             self.seed_axis.streams.load_state_dict(checkpoint["seed_streams"])
+            self.stopped_seeds = set(checkpoint.get("stopped_seeds", []))
 
 
 def _seeds_text(seeds: Optional[Sequence[int]]) -> str:

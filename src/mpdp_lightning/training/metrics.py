@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 import lightning.pytorch as pl
 import torch
 
-from mpdp_lightning.training.seed_runs import for_logger, seed_position
+from mpdp_lightning.training.seed_runs import STOPPED, for_logger, seed_position
 
 
 class MetricAccumulator:
@@ -146,5 +146,5 @@ def log_json_artifact(trainer: pl.Trainer, data: Any, name: str, per_seed: bool 
     from lightning.pytorch.loggers import MLFlowLogger
 
     for logger in trainer.loggers:
-        if isinstance(logger, MLFlowLogger):
+        if isinstance(logger, MLFlowLogger) and not getattr(logger, STOPPED, False):
             logger.experiment.log_dict(logger.run_id, data[seed_position(logger)] if per_seed else data, name)

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 from lightning.pytorch.loggers import Logger
 
 SEED_POSITION = "_mpdp_seed_position"  # the attribute set on a seed's logger: its place in the group
+STOPPED = "_mpdp_seed_stopped"  # set on a stopped seed's logger: it logs nothing more
 
 
 def parse_seeds(value: Any) -> Optional[tuple[int, ...]]:
@@ -60,6 +61,8 @@ def for_logger(metrics: Mapping[str, Any], logger: Logger) -> dict[str, float]:
     """The values ``logger`` reports: per-seed lists give their entry for its seed (None entries,
     such as a seed that finished no episode in the window, are left out); scalars as they are."""
     position = seed_position(logger)
+    if getattr(logger, STOPPED, False):
+        return {}
     picked: dict[str, float] = {}
     for name, value in metrics.items():
         if isinstance(value, (list, tuple)):
@@ -88,3 +91,34 @@ def seed_action(module: Any, position: int, obs: Any, where: str = "") -> Any:
     if not np.isfinite(actions).all():
         module.raise_if_not_finite(" ".join(filter(None, ("pi_0's action", where, f"was {actions.tolist()}"))))
     return actions
+
+
+def stop_seed(trainer: Any, module: Any, position: int, cause: Optional[str]) -> None:
+    """Stop seed number ``position`` of a group, whose values went non-finite, while the others go
+    on: it acts no more (its environment gets zero actions), is evaluated and logged no more, its
+    MLflow run is marked FAILED with the cause as its ``stopped`` tag, and the last checkpoint
+    written before (its last good one) is kept as ``last-good-seed<seed>.ckpt`` beside it. ``cause``
+    None: a resumed group re-marks a seed stopped before (nothing is written again)."""
+    import shutil
+    import sys
+
+    module.stopped_seeds.add(position)
+    seed = module.seed_axis.seeds[position]
+    kept = None
+    if cause is not None:
+        for callback in trainer.callbacks:
+            path = getattr(callback, "path", None) if type(callback).__name__ == "EnvStepCheckpoint" else None
+            if path is not None and path.is_file():
+                kept = path.with_name(f"last-good-seed{seed}.ckpt")
+                shutil.copy2(path, kept)
+    for logger in trainer.loggers:
+        if seed_position(logger) != position:
+            continue
+        setattr(logger, STOPPED, True)
+        logger.finalize = lambda status="success": None  # its run stays FAILED when the group finishes
+        if cause is not None and hasattr(logger, "run_id"):
+            logger.experiment.set_tag(logger.run_id, "stopped", cause[:5000])
+            logger.experiment.set_terminated(logger.run_id, "FAILED")
+    if cause is not None:
+        where = f"; its last good checkpoint: {kept}" if kept is not None else ""
+        print(f"seed {seed} stopped: {cause}{where}; the other seeds go on", file=sys.stderr, flush=True)

@@ -76,6 +76,9 @@ class EnsembleFit:
         latest = datamodule.latest(agent.env_steps - self.trained_at) if self.trained_at is not None else None
         per_seed: list[dict[str, float]] = []
         for position, generator in enumerate(axis.streams.generators):
+            if position in agent.stopped_seeds:  # stopped by a NaN: nothing to fit
+                per_seed.append(dict.fromkeys(REPORTED, None))
+                continue
             seed_slice_into(solo, stacked, position)
             optimizer = SeedSliceOptimizer(agent.optimizer("model"), stacked, solo, position)
             metrics: dict[str, float] = {}
@@ -94,8 +97,9 @@ class EnsembleFit:
             seed_slice_from(solo, stacked, position)
             optimizer.write_back()
             metrics.update(report_metrics(report))
-            per_seed.append(metrics)
-        nll = torch.tensor([m["model/holdout_nll"] for m in per_seed], device=agent.device)
+            per_seed.append({name: metrics.get(name) for name in REPORTED})
+        nll = torch.tensor([m["model/holdout_nll"] if m["model/holdout_nll"] is not None else 0.0 for m in per_seed],
+                           device=agent.device)
         agent.record_phase("model", nll)
         if not torch.isfinite(nll).all():
             agent.raise_if_not_finite()
@@ -114,6 +118,11 @@ class EnsembleFit:
     def load_counters(self, counters: dict[str, Any]) -> None:
         self.trained_at = counters.get("model_trained_at")
         self.fits = int(counters.get("model_fits", 0))
+
+
+# what a fit logs per seed (model/error_l2 from the second fit on)
+REPORTED = ("model/error_l2", "model/holdout_mse", "model/holdout_nll", "model/epochs", "model/elites",
+            "model/u_mean", "model/mean_spread")
 
 
 def fit_rows(data: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,7 +64,11 @@ class Evaluation(EnvStepRoutine):
         where = f"in the evaluation at env step {pl_module.env_steps}"
         grouped = getattr(pl_module, "seed_axis", None) is not None
         per_seed = []
+        stopped = getattr(pl_module, "stopped_seeds", set())
         for position, (seed, envs) in enumerate(zip(run_seeds(pl_module), self.envs)):
+            if position in stopped:  # a seed stopped by a NaN: nothing to evaluate
+                per_seed.append({"eval/return": None, "eval/return_std": None, "eval/length": None})
+                continue
             base_seed = (self.seed if self.seed is not None else seed + EVAL_SEED_OFFSET) + pl_module.env_steps
             policy = (lambda obs: pl_module.act_on_host(obs, deterministic=True, where=where)) if not grouped else \
                 (lambda obs, position=position: seed_action(pl_module, position, obs, where))
@@ -79,7 +83,7 @@ class Evaluation(EnvStepRoutine):
         self.last_step = pl_module.env_steps
         latest = [m["eval/return"] for m in per_seed]
         best = seed_values(self.best_return, len(latest)) if self.best_return is not None else [-np.inf] * len(latest)
-        best = [max(r, b) for r, b in zip(latest, best)]
+        best = [b if r is None else max(r, b) for r, b in zip(latest, best)]
         self.latest_return = latest if grouped else latest[0]
         self.best_return = best if grouped else best[0]
         log_metrics(trainer, metrics, step=pl_module.env_steps)

@@ -32,7 +32,7 @@ def format_return(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, (list, tuple)):
-        return "/".join(f"{v:.1f}" for v in value)
+        return "/".join("-" if v is None or v == float("-inf") else f"{v:.1f}" for v in value)
     return f"{value:.1f}"
 
 

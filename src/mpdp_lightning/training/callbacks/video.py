@@ -129,6 +129,8 @@ class EvaluationVideo(EnvStepRoutine):
             try:  # alone one video; in a group one per seed, each into its seed's run
                 grouped = getattr(pl_module, "seed_axis", None) is not None
                 for position, seed in enumerate(run_seeds(pl_module)):
+                    if position in getattr(pl_module, "stopped_seeds", set()):
+                        continue  # stopped by a NaN
                     path = Path(folder) / str(position) / Path(artifact_name(env_steps)).name
                     path.parent.mkdir()
                     self._write_episode(pl_module, path, seed, position if grouped else None)
