@@ -83,13 +83,15 @@ def seed_action(module: Any, position: int, obs: Any, where: str = "") -> Any:
     """Seed number ``position``'s deterministic actions (pi_0's mode) for host observations
     [n, obs_dim], as a host array: evaluation and video episodes run one seed at a time. Every
     seed acts on the same observations (a mode draws no noise, so no seed's stream moves) and only
-    this seed's actions are kept and checked."""
+    this seed's actions are kept and checked: non-finite, the seed is stopped (``stop_seed``) and
+    its episode ends on zero actions, which are logged nowhere."""
     import numpy as np
 
     stacked = np.repeat(np.asarray(obs)[None], len(module.seed_axis), axis=0)
     actions = module.act_on_host(stacked, deterministic=True, where=where, finite=False)[position]
-    if not np.isfinite(actions).all():
-        module.raise_if_not_finite(" ".join(filter(None, ("pi_0's action", where, f"was {actions.tolist()}"))))
+    if not np.isfinite(actions).all():  # this seed stops (the run, if it was the last); no NaN reaches the env
+        module._stop_broken_seeds(" ".join(filter(None, ("pi_0's action", where))), False, [position])
+        actions = np.zeros_like(actions)
     return actions
 
 
