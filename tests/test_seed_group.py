@@ -10,7 +10,10 @@ from tensordict import TensorDict
 from mpdp_lightning.algorithms.mbpo import MBPO
 from mpdp_lightning.algorithms.mpdp import MPDP
 from mpdp_lightning.algorithms.sac import SAC
+from mpdp_lightning.algorithms.parts.model_rollouts import BranchedRollouts
 from mpdp_lightning.algorithms.seed_group import SeedStreams, stack_agents
+from mpdp_lightning.planners.branched_rollouts import branched_rollouts
+from mpdp_lightning.planners.coplanner import COPlanner
 
 SEEDS = (0, 1, 2)
 # Rows per seed: a multiple of 32, so that each seed's share of every stacked tensor is a whole
@@ -135,13 +138,43 @@ def test_a_non_finite_seed_is_recorded_for_that_seed_only():
         assert all(torch.isfinite(p[position]).all() for p in group.parameters())
 
 
-def test_seeds_must_differ_and_mbpo_is_refused_for_now():
+def test_seeds_must_differ():
     built = [_built(seed) for seed in (0, 0)]
     with pytest.raises(ValueError, match="seeds must differ"):
         stack_agents([a for a, _ in built], (0, 0), [s for _, s in built])
-    mbpo = [MBPO("inverted_pendulum", hidden=16, model_hidden=16) for _ in range(2)]
-    with pytest.raises(ValueError, match="cannot be grouped yet"):
-        stack_agents(mbpo, (0, 1), [torch.get_rng_state()] * 2)
+
+
+def _planning_mbpo(seed):
+    """MBPO with COPlanner's planners, its model counted as fitted (planning needs no fit to run)."""
+    torch.manual_seed(seed)
+    agent = MBPO("hopper", hidden=32, model_hidden=32, model_layers=2, ensemble_size=3, num_elites=2)
+    agent.use_coplanner(COPlanner(enabled=True, candidates=3, horizon=2))
+    agent.model_phase.trained_at = 0
+    return agent, torch.get_rng_state()
+
+
+def test_a_group_plans_and_branches_each_seed_as_that_seed_alone():
+    """COPlanner's exploration and MBPO's branched rollouts (``SeedAxis.each``): each seed plans with
+    its own model and heads and draws from its own stream, as alone; its rollouts stop at its own
+    terminals, so each seed's count is its own."""
+    obs = torch.randn(2, 4, 11)
+    built = [_planning_mbpo(seed) for seed in (0, 1)]
+    group = stack_agents([a for a, _ in built], (0, 1), [s for _, s in built])
+    planned = group.explore(obs)
+    rollouts = group.seed_axis.each(group, lambda agent, start: branched_rollouts(
+        agent.world_model, BranchedRollouts.rollout_action(agent, []), start, 3), obs)
+    sampled_after = group.act(obs)
+    assert planned.shape == (2, 4, 3)
+    for position, seed in enumerate((0, 1)):
+        agent, state = _planning_mbpo(seed)
+        torch.set_rng_state(state)
+        assert torch.equal(planned[position], agent.explore(obs[position]))
+        alone = branched_rollouts(agent.world_model, BranchedRollouts.rollout_action(agent, []), obs[position], 3)
+        assert alone.shape == rollouts[position].shape
+        for key in ("obs", "action", "reward", "next_obs", "terminated", "u"):
+            assert torch.equal(rollouts[position][key], alone[key]), (seed, key)
+        assert torch.equal(sampled_after[position], agent.act(obs[position]))  # the stream went on as alone
+    assert not torch.equal(planned[0], planned[1])
 
 
 def _mpdp_built(seed):

@@ -35,7 +35,6 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException  # n
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
-from mpdp_lightning.algorithms.mbpo import MBPO  # noqa: E402
 from mpdp_lightning.algorithms.model_based import ModelBasedAgent  # noqa: E402
 from mpdp_lightning.algorithms.seed_group import build_group  # noqa: E402
 from mpdp_lightning.planners.coplanner import COPlanner  # noqa: E402
@@ -182,10 +181,6 @@ class MPDPCLI(LightningCLI):
         algorithm = getattr(import_module(module), name)
         seeds = _seeds_of(config)
         if seeds is not None:
-            if issubclass(algorithm, MBPO) or config.coplanner.enabled:
-                what = "COPlanner's planners" if config.coplanner.enabled else "MBPO's model rollouts"
-                raise MPDPError(f"seeds: a group of seeds cannot run {what} yet (a model replay per seed); "
-                                "run these seeds one per process (make sweep)")
             for option in ("env_interaction.seed", "evaluation.seed", "video.seed"):
                 if config.get(option) is not None:
                     raise MPDPError(f"{option}: a group seeds each seed's environments from its seed; leave it unset with --seeds")

@@ -360,7 +360,7 @@ class Agent(pl.LightningModule):
 
             for position in sorted(self.stopped_seeds):
                 stop_seed(self.trainer, self, position, None)
-        if self.rollouts is not None and self.model_phase.trained_at is not None and self.rollouts.model_replay is None:
+        if self.rollouts is not None and self.model_phase.trained_at is not None and not self.rollouts.replays:
             self.rollouts.branch(self)  # a resumed MBPO run: its model and buffer are restored, not its rollouts
         # A resumed run's optimizers come with the param groups of the device they were saved on
         # (capturable on a GPU with a graph); a capture needs the flag, an eager run goes without.
@@ -388,15 +388,23 @@ class Agent(pl.LightningModule):
 
     def explore(self, obs: torch.Tensor) -> torch.Tensor:
         """The training environment's action: pi_0's sample, or with an explorer (COPlanner) and a
-        fitted model UP-MPC's optimistic choice, whose uncertainties go into the train metrics."""
+        fitted model UP-MPC's optimistic choice, whose uncertainties go into the train metrics (in
+        a group, each seed's plan, one seed after another: ``SeedAxis.each``)."""
         if self.explorer is None or self.model_phase is None or self.model_phase.trained_at is None:
             return self.act(obs)
-        plan = self.explorer.plan(self.world_model, self.planning_action, obs)
-        self.train_metrics.accumulate({
-            "coplanner/explore_u_chosen": plan.chosen_uncertainty.mean(),
-            "coplanner/explore_u_candidates": plan.candidate_uncertainty.mean(),
-        })
-        return plan.action
+        if self.seed_axis is None:
+            plan = self.explorer.plan(self.world_model, self.planning_action, obs)
+            chosen, candidates, action = plan.chosen_uncertainty.mean(), plan.candidate_uncertainty.mean(), plan.action
+        else:  # each seed plans with its own model and heads, as alone (a stopped seed: zeros, unlogged)
+            plans = self.seed_axis.each(self, lambda agent, obs: agent.explorer.plan(agent.world_model,
+                                                                                   agent.planning_action, obs),
+                                        obs, skip=sorted(self.stopped_seeds))
+            zero = obs.new_zeros(())
+            chosen = torch.stack([p.chosen_uncertainty.mean() if p else zero for p in plans])
+            candidates = torch.stack([p.candidate_uncertainty.mean() if p else zero for p in plans])
+            action = torch.stack([p.action if p else obs.new_zeros(obs.shape[-2], self.act_dim) for p in plans])
+        self.train_metrics.accumulate({"coplanner/explore_u_chosen": chosen, "coplanner/explore_u_candidates": candidates})
+        return action
 
     def planning_action(self, obs: torch.Tensor, step: int) -> torch.Tensor:
         """The policy a planner acts with at its step ``step``: head ``step`` (the last beyond H;

@@ -20,18 +20,14 @@ same kernel, rather than ``baddbmm``/``addmm``, whose batching rules take anothe
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
-
-# Parts that the seed axis does not reach yet: MBPO's branched rollouts (a model replay of its own
-# per seed) and COPlanner's planners (acting through the model). The world model's fit has
-# per-seed host decisions (early stopping, elites): it runs seed by seed (parts/model_phase.py).
-UNSUPPORTED_PARTS = ("rollouts", "explorer", "rollout_planner")
-
+from torch.utils._pytree import tree_map
 
 class SeedStreams:
     """Each seed's random stream: a generator per seed on the device the draws are made on,
@@ -67,6 +63,26 @@ class SeedStreams:
         """``sample(generator)`` (a tensor, or a tuple of them) once per seed with that seed's
         generator, stacked on a leading seed axis."""
         return _stacked([sample(generator) for generator in self.generators])
+
+    @contextlib.contextmanager
+    def as_default(self, position: int) -> Iterator[None]:
+        """Seed ``position``'s stream as the device's default generator for the duration (then
+        back in the seed's generator, the default's own state restored): code written for one seed,
+        which draws from the default generator (a policy's sample, the ensemble's elite and noise,
+        a planner's), draws there exactly what it draws in that seed's run alone."""
+        generator = self.generators[position]
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            get, put = (lambda: torch.cuda.get_rng_state(index)), (lambda state: torch.cuda.set_rng_state(state, index))
+        else:
+            get, put = torch.get_rng_state, torch.set_rng_state
+        saved = get()
+        put(generator.get_state())
+        try:
+            yield
+        finally:
+            generator.set_state(get())
+            put(saved)
 
     def state_dict(self) -> dict[str, Any]:
         return {"states": [generator.get_state() for generator in self.generators]}
@@ -115,20 +131,38 @@ class SeedAxis:
         share of a stacked tensor is not a whole number of vector chunks (a few rows, as in acting)
         can differ in the last bit from the seed alone; one by one never does."""
         call = _SeedCall(agent)
-        trainable_ids = {id(p) for p in trainable}
-        state = {f"agent.{name}": (p if id(p) in trainable_ids else p.detach()) for name, p in agent.named_parameters()}
-        state.update({f"agent.{name}": b for name, b in agent.named_buffers()})
+        state = _stacked_state(agent, trainable)
 
         def one_seed(seed_state: dict[str, torch.Tensor], *seed_args: Any) -> Any:
             return functional_call(call, seed_state, (fn, *seed_args), strict=True)
 
         if not batched:
             return _stacked([
-                one_seed({name: value[s] for name, value in state.items()}, *(None if a is None else a[s] for a in args))
+                one_seed({name: value[s] for name, value in state.items()}, *(_seed_slice(a, s) for a in args))
                 for s in range(len(self))
             ])
         in_dims = (0, *(None if arg is None else 0 for arg in args))  # None (no draw) goes in as it is
         return vmap(one_seed, in_dims=in_dims)(state, *args)
+
+    def each(self, agent: nn.Module, fn: Callable[..., Any], *args: Any, skip: Sequence[int] = ()) -> list[Any]:
+        """``fn(agent, *args)`` run for one seed after another as that seed's run alone runs it:
+        on its slices of the stacked state (detached: for acting, rollouts and planning, which
+        train nothing), on its slice of each of ``args`` (a leading seed axis), and with its random
+        stream as the default generator (``SeedStreams.as_default``), so ``fn`` draws as it does
+        alone. Unlike ``map``, the results are not stacked: a list with one per seed (None for a
+        position in ``skip``), whose shapes may differ (a model rollout's rows that reached a
+        terminal stop, a different number in each seed)."""
+        call = _SeedCall(agent)
+        state = _stacked_state(agent, ())
+        results: list[Any] = []
+        for position in range(len(self)):
+            if position in skip:
+                results.append(None)
+                continue
+            seed_state = {name: value[position] for name, value in state.items()}
+            with self.streams.as_default(position):
+                results.append(functional_call(call, seed_state, (fn, *(_seed_slice(a, position) for a in args)), strict=True))
+        return results
 
     def clip_grad_norm_(self, params: Sequence[torch.Tensor], clip: Optional[float]) -> torch.Tensor:
         """Each seed's gradient norm over ``params`` [seeds], and with ``clip`` each seed's
@@ -153,10 +187,6 @@ def stack_agents(agents: Sequence[nn.Module], seeds: Sequence[int], rng_states: 
                          f"{len(seeds)} seeds and {len(rng_states)} states")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must differ, got {list(seeds)}")
-    unsupported = [name for name in UNSUPPORTED_PARTS if getattr(agents[0], name, None) is not None]
-    if unsupported:
-        raise ValueError(f"{type(agents[0]).__name__} cannot be grouped yet (its {', '.join(unsupported)} "
-                         "run per-seed decisions on the host); run its seeds one per process")
     group = copy.deepcopy(agents[0])
     params, buffers = stack_module_state(list(agents))
     for name, value in params.items():
@@ -186,12 +216,25 @@ def build_group(agent: nn.Module, seeds: Sequence[int]) -> nn.Module:
     return group
 
 
+def _seed_slice(arg: Any, position: int) -> Any:
+    """Seed ``position``'s slice of an argument with a leading seed axis: a tensor, or a tuple or
+    named tuple of them (as vmap takes them); None as it is."""
+    return tree_map(lambda value: value[position] if isinstance(value, torch.Tensor) else value, arg)
+
+
+def _stacked_state(agent: nn.Module, trainable: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The agent's stacked parameters and buffers by ``functional_call`` name; parameters outside
+    ``trainable`` detached."""
+    trainable_ids = {id(p) for p in trainable}
+    state = {f"agent.{name}": (p if id(p) in trainable_ids else p.detach()) for name, p in agent.named_parameters()}
+    state.update({f"agent.{name}": b for name, b in agent.named_buffers()})
+    return state
+
+
 def _stacked(items: Sequence[Any]) -> Any:
-    """Per-seed results (tensors, or tuples of them) stacked on a leading seed axis."""
-    if isinstance(items[0], torch.Tensor):
-        return torch.stack(list(items))
-    stacked = [torch.stack(parts) for parts in zip(*items)]
-    return type(items[0])(*stacked) if hasattr(items[0], "_fields") else tuple(stacked)
+    """Per-seed results (tensors, or tuples, named tuples and dicts of them) stacked on a leading
+    seed axis, as vmap returns them."""
+    return tree_map(lambda *parts: torch.stack(parts), items[0], *items[1:])
 
 
 def _set(root: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -64,12 +64,18 @@ def drawn(batch: Union[PendingBatch, TensorDictBase], draw: Draw = _default_draw
     return batch.draw(draw) if isinstance(batch, PendingBatch) else batch
 
 
-def uniform_sample(buffer: ReplayBuffer, batch_size: int) -> TensorDictBase:
+def uniform_sample(buffer: ReplayBuffer, batch_size: int, generator: Optional[torch.Generator] = None,
+                   seed_position: Optional[int] = None) -> TensorDictBase:
     """``batch_size`` stored items drawn uniformly with replacement, as TorchRL's RandomSampler,
     but with the indices drawn on the storage's device: indices drawn on the host would be copied
-    to a GPU with a blocking copy, a host sync in every update."""
+    to a GPU with a blocking copy, a host sync in every update. ``generator``: whose stream draws
+    them (None: the default's). ``seed_position``: a group's storage (a seed axis): that seed's
+    column of the drawn items."""
     storage = buffer.storage
-    return storage.get(torch.randint(len(buffer), (batch_size,), device=storage.device))
+    indices = torch.randint(len(buffer), (batch_size,), device=storage.device, generator=generator)
+    if seed_position is None:
+        return storage.get(indices)
+    return storage.get((indices, torch.full_like(indices, seed_position)))
 
 
 def newest(buffer: ReplayBuffer, n: int) -> TensorDictBase:

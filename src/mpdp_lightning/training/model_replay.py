@@ -10,7 +10,7 @@ transitions carry the same keys as real ones, so a mixed batch is one concatenat
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from tensordict import TensorDictBase
@@ -48,8 +48,8 @@ class ModelReplay:
         """Append rollout transitions (extra keys such as u are dropped)."""
         self.buffer.extend(transitions.select(*TRANSITION_KEYS).to(self.device))
 
-    def sample_batch(self, batch_size: int) -> TensorDictBase:
-        return uniform_sample(self.buffer, batch_size)
+    def sample_batch(self, batch_size: int, generator: Optional[torch.Generator] = None) -> TensorDictBase:
+        return uniform_sample(self.buffer, batch_size, generator)
 
 
 def split_batch(batch_size: int, real_ratio: float) -> tuple[int, int]:

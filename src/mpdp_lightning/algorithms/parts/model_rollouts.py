@@ -46,7 +46,7 @@ class BranchedRollouts:
         self.retain_epochs = retain_epochs
         self.real_ratio = real_ratio
         self._split = (0, *split_batch(0, real_ratio))  # (batch size, real rows, model rows); checks the ratio
-        self.model_replay: Optional[ModelReplay] = None
+        self.replays: list[ModelReplay] = []  # one seed's model replay, or a group's one per seed
         self.schedule_start: Optional[int] = None
 
     def rollout_length(self, env_steps: int) -> int:
@@ -60,29 +60,59 @@ class BranchedRollouts:
         return max(int(self.rollout_batch_size * length * fits_per_epoch * self.retain_epochs),
                    self.rollout_batch_size * length)
 
-    def branch(self, agent: AgentView) -> dict[str, float]:
+    @property
+    def model_replay(self) -> Optional[ModelReplay]:
+        """A run of one seed's model replay (None before its first rollouts)."""
+        return self.replays[0] if self.replays else None
+
+    @model_replay.setter
+    def model_replay(self, replay: Optional[ModelReplay]) -> None:
+        self.replays = [] if replay is None else [replay]
+
+    def branch(self, agent: AgentView) -> dict[str, Any]:
         """Branch a new set of rollouts from real states into the model replay (resized for the
-        current rollout length); log mbpo/* against env steps."""
+        current rollout length); log mbpo/* against env steps. A group of seeds branches each
+        seed's from its own real transitions into its own model replay, with its own model, policy
+        and random stream, one seed after another as it runs alone (``SeedAxis.each``): their
+        rollouts stop at different terminals, so the replays differ in size."""
         length = self.rollout_length(agent.env_steps)
         capacity = self.capacity(length)
-        if self.model_replay is None:
-            self.model_replay = ModelReplay(capacity, agent.device)
-        self.model_replay.resize(capacity)
-        real = uniform_sample(agent.trainer.datamodule.buffer, self.rollout_batch_size)
+        seeds = 1 if agent.seed_axis is None else len(agent.seed_axis)
+        if not self.replays:
+            self.replays = [ModelReplay(capacity, agent.device) for _ in range(seeds)]
+        for replay in self.replays:
+            replay.resize(capacity)
+        buffer = agent.trainer.datamodule.buffer
+        if agent.seed_axis is None:
+            metrics = self._branch_one(agent, buffer, self.replays[0], length, None)
+        else:
+            per_seed = agent.seed_axis.each(
+                agent, lambda seed_agent, position: self._branch_one(seed_agent, buffer, self.replays[position], length,
+                                                                      position),
+                torch.arange(seeds), skip=sorted(agent.stopped_seeds))
+            names = {name for seed_metrics in per_seed if seed_metrics for name in seed_metrics}
+            metrics = {name: [m.get(name) if m else None for m in per_seed] for name in sorted(names)}
+        log_metrics(agent.trainer, metrics, step=agent.env_steps)
+        return metrics
+
+    def _branch_one(self, agent: AgentView, buffer: Any, replay: ModelReplay, length: int,
+                    position: Optional[int]) -> dict[str, float]:
+        """One seed's rollouts into ``replay`` (``position``: its column of a group's storage)."""
+        real = uniform_sample(buffer, self.rollout_batch_size,
+                              seed_position=None if position is None else int(position))
         plans: list[Plan] = []
         rollouts = branched_rollouts(agent.world_model, self.rollout_action(agent, plans), real["obs"], length)
-        self.model_replay.add(rollouts)
+        replay.add(rollouts)
         metrics = {
             "mbpo/rollout_length": float(length),
             "mbpo/rollout_transitions": float(rollouts.numel()),
-            "mbpo/model_buffer_size": float(len(self.model_replay)),
+            "mbpo/model_buffer_size": float(len(replay)),
             "mbpo/rollout_u_mean": rollouts["u"].mean().item(),
             "mbpo/rollout_terminated": rollouts["terminated"].float().mean().item(),
         }
         if plans:  # COPlanner: how uncertain the chosen actions were, against all candidates
             metrics["coplanner/rollout_u_chosen"] = torch.cat([p.chosen_uncertainty for p in plans]).mean().item()
             metrics["coplanner/rollout_u_candidates"] = torch.cat([p.candidate_uncertainty for p in plans]).mean().item()
-        log_metrics(agent.trainer, metrics, step=agent.env_steps)
         return metrics
 
     @staticmethod
@@ -101,16 +131,29 @@ class BranchedRollouts:
 
     def mixed_batch(self, agent: AgentView, batch: Batch) -> TensorDictBase:
         """``real_ratio`` real transitions and the rest from the model replay (all real until the
-        first rollouts exist)."""
-        if not isinstance(batch, PendingBatch) or self.model_replay is None or len(self.model_replay) == 0:
-            return drawn(batch)
+        first rollouts exist). A group: [seeds, batch_size], each seed's real rows from its own
+        column and its model rows from its own model replay, drawn with its own generator in the
+        order a run alone draws them (real, then model)."""
+        if not isinstance(batch, PendingBatch) or all(len(r) == 0 for r in self.replays):
+            return drawn(batch, agent.draw)
         if self._split[0] != batch.batch_size:  # once per batch size, not per update
             self._split = (batch.batch_size, *split_batch(batch.batch_size, self.real_ratio))
         _, n_real, n_model = self._split
-        parts = [uniform_sample(batch.buffer, n_real)] if n_real else []
+        if agent.seed_axis is None:
+            parts = [uniform_sample(batch.buffer, n_real)] if n_real else []
+            if n_model:
+                parts.append(self.model_replay.sample_batch(n_model))
+            return torch.cat(parts)
+        generators = agent.seed_axis.streams.generators
+        parts = [PendingBatch(batch.buffer, n_real).draw(agent.draw)] if n_real else []
         if n_model:
-            parts.append(self.model_replay.sample_batch(n_model))
-        return torch.cat(parts)
+            # a seed stopped (by a NaN) before the first rollouts has none: real rows fill its batch
+            parts.append(torch.stack([
+                replay.sample_batch(n_model, generator) if len(replay) else
+                uniform_sample(batch.buffer, n_model, generator, seed_position=position)
+                for position, (replay, generator) in enumerate(zip(self.replays, generators))
+            ]))
+        return torch.cat(parts, dim=1)
 
     def counters(self) -> dict[str, Any]:
         return {"schedule_start": self.schedule_start}
