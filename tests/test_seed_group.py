@@ -2,7 +2,9 @@
 would alone, and nothing of one seed reaches another."""
 
 import copy
+import types
 
+import numpy as np
 import pytest
 import torch
 from tensordict import TensorDict
@@ -12,8 +14,10 @@ from mpdp_lightning.algorithms.mpdp import MPDP
 from mpdp_lightning.algorithms.sac import SAC
 from mpdp_lightning.algorithms.parts.model_rollouts import BranchedRollouts
 from mpdp_lightning.algorithms.seed_group import SeedStreams, stack_agents
+from mpdp_lightning.errors import NonFiniteLossError
 from mpdp_lightning.planners.branched_rollouts import branched_rollouts
 from mpdp_lightning.planners.coplanner import COPlanner
+from mpdp_lightning.training.seed_runs import seed_action
 
 SEEDS = (0, 1, 2)
 # Rows per seed: a multiple of 32, so that each seed's share of every stacked tensor is a whole
@@ -229,3 +233,26 @@ def test_a_group_acts_as_each_seed_alone_from_its_own_stream():
         assert torch.equal(sampled[position], agent.act(obs[position]))
         assert torch.equal(modes[position], agent.act(obs[position], deterministic=True))
         assert torch.equal(sampled_again[position], agent.act(obs[position]))  # the stream went on
+
+
+def test_an_evaluations_non_finite_action_stops_that_seed_and_the_last_one_stops_the_run(capsys):
+    """``seed_action`` (evaluation episodes, one seed at a time): a seed whose pi_0 gives a NaN
+    action is stopped and its environment gets zeros; the others act as before; when the last
+    seed stops, the run stops as a run of one seed does."""
+    built = [_built(seed) for seed in SEEDS]
+    group = stack_agents([a for a, _ in built], SEEDS, [s for _, s in built])
+    group._trainer = types.SimpleNamespace(callbacks=[], loggers=[])  # no checkpoint to keep, no runs to mark
+    obs = np.random.default_rng(0).standard_normal((1, 11)).astype(np.float32)
+    before = seed_action(group, 0, obs)
+    with torch.no_grad():
+        group.actor.net.linears[0].weight[1].fill_(float("nan"))
+    assert np.array_equal(seed_action(group, 1, obs, "in an evaluation at env step 200"), np.zeros((1, 3)))
+    assert group.stopped_seeds == {1}
+    assert "seed 1 stopped: pi_0's action in an evaluation at env step 200: its action was non-finite" in capsys.readouterr().err
+    assert np.array_equal(seed_action(group, 0, obs), before)  # the others act as before
+    with torch.no_grad():
+        for position in (0, 2):
+            group.actor.net.linears[0].weight[position].fill_(float("nan"))
+    seed_action(group, 0, obs)
+    with pytest.raises(NonFiniteLossError, match="seed 2: .*the last seed of the group; the run stopped"):
+        seed_action(group, 2, obs)

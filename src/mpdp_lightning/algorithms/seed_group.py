@@ -8,14 +8,21 @@ state (``SeedAxis.map``). What stays outside needs no change, because it is elem
 seed: Adam on stacked parameters, the Polyak average, and a backward of the summed per-seed
 losses (no parameter is shared, so each seed's gradient is its own loss's).
 
+What has per-seed shapes or host decisions (the world model's fits, MBPO's branched rollouts,
+COPlanner's plans) runs one seed after another on that seed's slices instead, its generator as
+the default one (``SeedAxis.each``), so code written for one seed runs unchanged.
+
 Nothing is pooled across seeds: each has its own initialisation (built under its own seed, as a
 run alone would be), its own random stream (``SeedStreams``: a generator per seed holding what a
 run alone would hold; ``Agent.draw`` names it in every draw), its own temperature and its own NaN
 record.
 On the CPU a seed in a group gets bit-identical losses and weights to the same seed alone when
-its rows are a multiple of 32 (tests/test_seed_group.py, docs/seed-groups.md): the batched MLP block uses ``bmm`` + bias, whose vmapped form is the
-same kernel, rather than ``baddbmm``/``addmm``, whose batching rules take another path for a
-1-wide output.
+its rows are a multiple of 32 (tests/test_seed_group.py, docs/seed-groups.md): the batched MLP
+block uses ``bmm`` + bias, whose vmapped form is the same kernel, rather than ``baddbmm``/``addmm``,
+whose batching rules take another path for a 1-wide output. One kernel stays inexact: the CPU's
+fused Adam rounds a parameter's vector chunks and scalar tail differently, so a seed whose share
+of a stacked parameter is not a whole number of vectors (MPDP's 3-head bias on inverted_pendulum)
+drifts from itself alone in the last bit.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._pytree import tree_map
+
 
 class SeedStreams:
     """Each seed's random stream: a generator per seed on the device the draws are made on,

@@ -80,19 +80,26 @@ def seed_values(value: Any, seeds: int) -> Sequence[Any]:
 
 
 def seed_action(module: Any, position: int, obs: Any, where: str = "") -> Any:
-    """Seed number ``position``'s deterministic actions (pi_0's mode) for host observations
-    [n, obs_dim], as a host array: evaluation and video episodes run one seed at a time. Every
-    seed acts on the same observations (a mode draws no noise, so no seed's stream moves) and only
-    this seed's actions are kept and checked: non-finite, the seed is stopped (``stop_seed``) and
-    its episode ends on zero actions, which are logged nowhere."""
+    """Seed number ``position``'s evaluation actions (``seed_modes``: evaluation episodes run one
+    seed at a time), checked: non-finite, the seed is stopped (``stop_seed``) and its episode ends
+    on zero actions, which are logged nowhere."""
     import numpy as np
 
-    stacked = np.repeat(np.asarray(obs)[None], len(module.seed_axis), axis=0)
-    actions = module.act_on_host(stacked, deterministic=True, where=where, finite=False)[position]
+    actions = seed_modes(module, position, obs, where)
     if not np.isfinite(actions).all():  # this seed stops (the run, if it was the last); no NaN reaches the env
         module._stop_broken_seeds(" ".join(filter(None, ("pi_0's action", where))), False, [position])
         actions = np.zeros_like(actions)
     return actions
+
+
+def seed_modes(module: Any, position: int, obs: Any, where: str = "") -> Any:
+    """Seed number ``position``'s pi_0 modes for host observations [n, obs_dim], unchecked (a host
+    array, non-finite as it came): every seed acts on the same observations (a mode draws no
+    noise, so no seed's stream moves) and this seed's actions are kept."""
+    import numpy as np
+
+    stacked = np.repeat(np.asarray(obs)[None], len(module.seed_axis), axis=0)
+    return module.act_on_host(stacked, deterministic=True, where=where, finite=False)[position]
 
 
 def stop_seed(trainer: Any, module: Any, position: int, cause: Optional[str]) -> None:

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from mpdp_lightning.training.callbacks.evaluation import EVAL_SEED_OFFSET
 from mpdp_lightning.training.callbacks.schedule import EnvStepRoutine
 from mpdp_lightning.training.metrics import log_metrics
-from mpdp_lightning.training.seed_runs import run_seeds, seed_position
+from mpdp_lightning.training.seed_runs import run_seeds, seed_modes, seed_position
 from mpdp_lightning.envs.stepping import EnvStep, run_episodes
 from mpdp_lightning.envs.tasks import make_env
 
@@ -169,8 +169,7 @@ class EvaluationVideo(EnvStepRoutine):
             if position is None:
                 actions = pl_module.act_on_host(obs, deterministic=True, finite=False)
             else:
-                actions = pl_module.act_on_host(np.repeat(obs[None], len(pl_module.seed_axis), axis=0),
-                                                deterministic=True, finite=False)[position]
+                actions = seed_modes(pl_module, position, obs)
             if not np.isfinite(actions).all():  # a diverged policy: MuJoCo gets no NaN, the video ends
                 raise _PolicyDiverged
             return actions
