@@ -103,24 +103,30 @@ MBPO_TINY = ("--model.ensemble_size", "3", "--model.num_elites", "2", "--model.m
              "--coplanner.enabled", "true", "--coplanner.candidates", "3", "--coplanner.horizon", "2")
 
 
-def test_an_mbpo_group_with_coplanner_trains_each_seed_as_that_seed_alone(in_tmp, one_thread):
-    """MBPO's branched rollouts into a model replay per seed, each batch's real and model rows per
-    seed, COPlanner's conservative rollouts and optimistic exploration per seed: seed 1's curves
-    in the group are those of seed 1 alone, to the bit."""
-    main(fit_args("inverted_pendulum", TOTAL, "--seeds", "0,1", *MBPO_TINY, algo="mbpo"))
+def _stopped_and_resumed(folder, *args):
+    """A run to 200 env steps, then resumed from its checkpoint to 300, in ``folder``: its runs."""
+    folder.mkdir()
+    os.chdir(folder)
+    main(fit_args("inverted_pendulum", 200, *args, algo="mbpo"))
+    [checkpoint] = list(folder.glob("runs/checkpoints/*/last.ckpt"))
+    main(fit_args("inverted_pendulum", TOTAL, *args, "--ckpt_path", str(checkpoint), algo="mbpo"))
     client = MlflowClient(tracking_uri())
-    group = {run.data.tags["seed"]: run.info.run_id for run in _runs(client)}
-    alone_folder = in_tmp / "alone"
-    alone_folder.mkdir()
-    os.chdir(alone_folder)
-    main(fit_args("inverted_pendulum", TOTAL, "--seed_everything", "1", *MBPO_TINY, algo="mbpo"))
-    alone_client = MlflowClient(tracking_uri())
-    [alone] = _runs(alone_client)
+    return client, {run.data.tags["seed"]: run.info.run_id for run in _runs(client)}
+
+
+def test_an_mbpo_group_with_coplanner_trains_and_resumes_each_seed_as_that_seed_alone(in_tmp, one_thread):
+    """MBPO's branched rollouts into a model replay per seed, each batch's real and model rows per
+    seed, COPlanner's conservative rollouts and optimistic exploration per seed, and on resume each
+    seed's rollouts branched again from its restored model: seed 1's curves in a group stopped at
+    200 and resumed to 300 are those of seed 1 alone stopped and resumed likewise, to the bit."""
+    client, group = _stopped_and_resumed(in_tmp / "group", "--seeds", "0,1", *MBPO_TINY)
+    alone_client, alone = _stopped_and_resumed(in_tmp / "alone", "--seed_everything", "1", *MBPO_TINY)
     for metric in ("model/holdout_mse", "mbpo/rollout_transitions", "mbpo/rollout_u_mean", "mbpo/model_buffer_size",
                    "coplanner/rollout_u_chosen", "coplanner/explore_u_chosen", "train/critic_loss",
                    "train/actor_loss", "train/alpha", "eval/return"):
         grouped = _history(client, group["1"], metric)
-        assert grouped and grouped == _history(alone_client, alone.info.run_id, metric), metric
+        assert grouped and grouped == _history(alone_client, alone["1"], metric), metric
+    assert [s for s, _ in _history(client, group["1"], "mbpo/rollout_transitions")] == [101, 200, 200, 300]
     assert _history(client, group["0"], "mbpo/rollout_u_mean") != _history(client, group["1"], "mbpo/rollout_u_mean")
 
 
