@@ -7,6 +7,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -358,11 +359,21 @@ def test_a_resumed_mbpo_run_branches_its_rollouts_again_before_its_first_update(
             "--model.rollout_batch_size", "200")
     main(fit_args("hopper", 150, *args, algo="mbpo"))
     (folder,) = (in_tmp / "runs/checkpoints").iterdir()
-    main(fit_args("hopper", 250, *args, "--ckpt_path", str(folder / "last.ckpt"), algo="mbpo"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(fit_args("hopper", 250, *args, "--ckpt_path", str(folder / "last.ckpt"), algo="mbpo"))
     client = MlflowClient(tracking_uri())
-    run_id = _only_run(client).info.run_id
+    run = _only_run(client)
+    run_id = run.info.run_id
     assert _steps(client, run_id, "mbpo/rollout_length") == [101, 150, 200]
     assert _steps(client, run_id, "model/holdout_mse") == [101, 200]  # the model itself was not refitted at 150
+    # the settings MBPO resolved from the task (None at the start) are no override: named, not flagged
+    overrides = sorted(key for key in run.data.tags if key.startswith("resume_override."))
+    assert overrides == ["resume_override.env_interaction.total_env_steps"]
+    assert [str(w.message) for w in caught if "kept as a tag" in str(w.message)] == [
+        "resumed with env_interaction.total_env_steps=250 (was 150); kept as a tag"]
+    assert run.data.params["model.init_args.target_entropy"] == "None"
+    assert run.data.params["resolved.model.init_args.target_entropy"] == "-1.0"
 
 
 def test_an_mbpo_checkpoint_from_before_issue_19_resumes_with_the_settings_it_was_trained_with(in_tmp):

@@ -74,6 +74,12 @@ def log_run_config(trainer: pl.Trainer, parser: Any, config: Any, resumed: bool,
         new = {k: v for k, v in params.items() if k not in existing}
         for key, value in params.items():
             if key in existing and existing[key] != value:
+                if key.startswith("model.") and existing[key] == "None":
+                    # left to the algorithm at the start (MBPO's task settings) and resolved into the
+                    # checkpoint's hyperparameters, which a resume takes: the same setting, now named
+                    if f"resolved.{key}" not in existing:
+                        new[f"resolved.{key}"] = value
+                    continue
                 client.set_tag(run_id, f"resume_override.{key}", value[:5000])
                 warnings.warn(f"resumed with {key}={value} (was {existing[key]}); kept as a tag", stacklevel=2)
         if new:
