@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from helpers import ROOT, fit_args, tracking_uri
-from mpdp_lightning.training.checkpoint_io import read_checkpoint_header
+from mpdp_lightning.training.checkpoint_io import CHECKPOINT_FORMAT, read_checkpoint_header
 from mpdp_lightning.cli import main
 from mpdp_lightning.training.data import PendingBatch
 
@@ -258,7 +258,7 @@ def test_the_anchored_threshold_holds_from_the_first_update_and_travels_with_the
     held = [m.value for m in client.get_metric_history(run_id, "train/u_threshold")]
     assert len(held) >= 2 and max(held) == pytest.approx(min(held), rel=1e-6)  # refits do not move it
     checkpoint = torch.load(in_tmp / "runs/checkpoints" / run_id / "last.ckpt", weights_only=True)
-    assert checkpoint["state_dict"]["h_step.threshold_anchor"].item() == pytest.approx(held[-1], rel=1e-6)
+    assert checkpoint["state_dict"]["h_step.held_threshold"].item() == pytest.approx(held[-1], rel=1e-6)
 
 
 def test_an_mpdp_checkpoint_from_before_the_composed_agent_resumes_with_its_anchor_and_history(in_tmp):
@@ -269,32 +269,87 @@ def test_an_mpdp_checkpoint_from_before_the_composed_agent_resumes_with_its_anch
     main(fit_args("hopper", 150, *args, algo="mpdp"))
     (ckpt,) = in_tmp.glob("runs/checkpoints/*/last.ckpt")
     saved = torch.load(ckpt, weights_only=True)
-    anchor = saved["state_dict"]["h_step.threshold_anchor"].item()
+    anchor = saved["state_dict"]["h_step.held_threshold"].item()
     history = saved["counters"]["horizon_history"]
     old = dict(saved, state_dict=dict(saved["state_dict"]), counters=dict(saved["counters"]))
-    old["state_dict"]["threshold_anchor"] = old["state_dict"].pop("h_step.threshold_anchor")
+    old["state_dict"]["threshold_anchor"] = old["state_dict"].pop("h_step.held_threshold")
     old["horizon_history"] = old["counters"].pop("horizon_history")
     del old["format"], old["mpdp_version"]
     torch.save(old, ckpt)
     main(fit_args("hopper", 250, *args, "--ckpt_path", str(ckpt), algo="mpdp"))
     resumed = torch.load(ckpt, weights_only=True)
-    assert resumed["format"] == 2 and resumed["counters"]["env_steps"] == 250
-    assert resumed["state_dict"]["h_step.threshold_anchor"].item() == pytest.approx(anchor, rel=1e-6)
+    assert resumed["format"] == CHECKPOINT_FORMAT and resumed["counters"]["env_steps"] == 250
+    assert resumed["state_dict"]["h_step.held_threshold"].item() == pytest.approx(anchor, rel=1e-6)
     assert set(history) < set(resumed["counters"]["horizon_history"])  # the old windows kept, new ones added
+
+
+def test_an_mpdp_checkpoint_from_before_the_holdout_rule_resumes_with_the_rule_it_was_trained_with(in_tmp):
+    """Format 2 (before the holdout threshold): the held u_T was ``h_step.threshold_anchor`` and the
+    quantile rule was the default. Saved with the quantile rule, or with no rule among its
+    hyperparameters, it resumes under the quantile rule (the batch's u_T, not a fit's holdout), its
+    key mapped, whatever the config's default now is."""
+    args = ("--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL, "--model.model_max_epochs", "2",
+            "--model.horizon", "3")
+    main(fit_args("hopper", 150, *args, "--model.threshold", "quantile", algo="mpdp"))
+    (ckpt,) = in_tmp.glob("runs/checkpoints/*/last.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["hyper_parameters"]["threshold"] == "quantile"
+    old = dict(saved, state_dict=dict(saved["state_dict"]), hyper_parameters=dict(saved["hyper_parameters"]))
+    old["state_dict"]["h_step.threshold_anchor"] = old["state_dict"].pop("h_step.held_threshold")
+    del old["hyper_parameters"]["threshold"]
+    old["format"] = 2
+    torch.save(old, ckpt)
+    main(fit_args("hopper", 250, *args, "--ckpt_path", str(ckpt), algo="mpdp"))  # the config says holdout
+    resumed = torch.load(ckpt, weights_only=True)
+    assert resumed["format"] == CHECKPOINT_FORMAT and resumed["counters"]["env_steps"] == 250
+    assert resumed["hyper_parameters"]["threshold"] == "quantile"
+    assert resumed["state_dict"]["h_step.held_threshold"].isnan()  # the quantile rule holds nothing
+    client = MlflowClient(tracking_uri())
+    run_id = _only_run(client).info.run_id
+    assert client.get_run(run_id).data.params["model.init_args.threshold"] == "quantile"
+
+
+@pytest.mark.parametrize("rule", ["fresh", "holdout"])
+def test_an_out_of_sample_threshold_is_set_by_each_fit_and_held_between_fits(in_tmp, rule):
+    """u_T is the quantile of u over the fit's pairs of the rule's kind (fresh: the transitions
+    stored since the last fit, under the model before it, so from the second fit on; holdout: the
+    fit's held-out rows), set at each fit (every 50 env steps here) and held between fits; each fit
+    logs u on its in-sample, holdout and fresh pairs, and the improvement u on the imagined pairs."""
+    main(fit_args(
+        "hopper", 250, "--env_interaction.updates_per_env_step", "1", *TINY_WORLD_MODEL,
+        "--model.model_max_epochs", "3", "--model.horizon", "3", "--model.model_train_every", "50",
+        "--env_interaction.log_every_env_steps", "10", "--model.threshold", rule, algo="mpdp",
+    ))
+    client = MlflowClient(tracking_uri())
+    run_id = _only_run(client).info.run_id
+    history = lambda name: {m.step: m.value for m in client.get_metric_history(run_id, name)}  # noqa: E731
+    threshold, calibration = history("train/log_u_threshold"), history(f"model/log_u_{rule}_q90")
+    fits = sorted(history("model/holdout_mse"))
+    assert len(fits) >= 3 and sorted(calibration) == (fits[1:] if rule == "fresh" else fits)
+    # each log window between two fits (not those at either end) holds the earlier fit's quantile
+    for fit, following in zip(fits, fits[1:]):
+        if fit not in calibration:  # the first fit has no fresh pairs: the batch's quantile stands in
+            continue
+        windows = [value for step, value in threshold.items() if fit + 10 < step < following]
+        assert windows and all(v == pytest.approx(calibration[fit], abs=1e-5) for v in windows), (fit, windows)
+    for kind in ("insample", "holdout", "fresh"):
+        q10, q50, q90 = (history(f"model/log_u_{kind}_q{q}") for q in (10, 50, 90))
+        assert q10 and all(q10[s] <= q50[s] <= q90[s] for s in q10), kind
+    assert history("train/log_u_imagined_q50")
 
 
 def test_a_checkpoint_of_a_later_format_is_refused_in_one_line_naming_its_version(in_tmp, capsys):
     main(fit_args("hopper", 150))
     (ckpt,) = in_tmp.glob("runs/checkpoints/*/last.ckpt")
     saved = torch.load(ckpt, weights_only=True)
-    saved["format"], saved["mpdp_version"] = 3, "0.9.0"
+    saved["format"], saved["mpdp_version"] = CHECKPOINT_FORMAT + 1, "0.9.0"
     torch.save(saved, ckpt)
     before = ckpt.stat().st_mtime_ns
     with pytest.raises(SystemExit) as exit_:
         main(fit_args("hopper", 250, "--ckpt_path", str(ckpt)))
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: checkpoint ") and "written by mpdp-lightning 0.9.0 in checkpoint format 3" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: checkpoint ") and f"written by mpdp-lightning 0.9.0 in checkpoint format {CHECKPOINT_FORMAT + 1}" in err[0]
     assert ckpt.stat().st_mtime_ns == before
 
 

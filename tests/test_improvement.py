@@ -235,8 +235,9 @@ def test_the_anchored_threshold_is_set_by_the_first_update_and_then_held():
     torch.testing.assert_close(threshold(later, settings), set_by_first)
     quantile = ImprovementSettings(horizon=2, threshold="quantile", threshold_quantile=0.5)
     assert not torch.allclose(threshold(later, quantile), set_by_first), "the quantile rule follows the model"
-    with pytest.raises(ValueError, match="anchor"):
-        extended_improvement(actor, critic, first, obs, real_action, torch.tensor(0.2), settings)
+    # nothing held (a bare call): the batch's quantile stands in
+    unheld = extended_improvement(actor, critic, first, obs, real_action, torch.tensor(0.2), settings)
+    torch.testing.assert_close(unheld.diagnostics["u_threshold"], set_by_first)
 
 
 @pytest.mark.parametrize("bad", [dict(horizon=0), dict(beta=-0.1), dict(threshold_quantile=0.0), dict(threshold="relative"),
@@ -365,3 +366,69 @@ def test_quantiles_are_torchs_bit_for_bit_and_batch_under_vmap():
         x = torch.tensor(special)
         for q in (0.0, 0.5, 0.9, 1.0):
             torch.testing.assert_close(quantiles(x, q)[0], torch.quantile(x, q), equal_nan=True)
+
+
+def test_the_fresh_and_holdout_rules_hold_the_quantile_of_u_over_their_kind_of_real_pair():
+    """After a fit, MPDP's improvement holds the ``threshold_quantile`` quantile of u over the fit's
+    pairs of the kind its rule names (``calibrate``: holdout rows, or fresh ones) and every update
+    until the next fit stops its rows there, not at the batch's quantile; the quantile rule ignores
+    the fit's pairs and follows the batch."""
+    from mpdp_lightning.algorithms.parts.improvement import HStepImprovement
+
+    actor, critic = _nets()
+    model = GaussianEnsemble(OBS, ACT, 4, 2, hidden=16, layers=2)
+    obs, real_action = torch.randn(64, OBS), torch.rand(64, ACT) * 2 - 1
+    holdout_u = torch.rand(500) * 3
+    part = HStepImprovement(ImprovementSettings(horizon=2, threshold="holdout", threshold_quantile=0.8))
+    assert part.held_threshold.isnan()  # nothing held before a fit
+    part.calibrate({"holdout": holdout_u, "fresh": holdout_u * 2, "insample": holdout_u / 2})
+    torch.testing.assert_close(part.held_threshold, torch.quantile(holdout_u, 0.8))
+    result = extended_improvement(actor, critic, model, obs, real_action, torch.tensor(0.2), part.settings,
+                                  part.held_threshold)
+    torch.testing.assert_close(result.diagnostics["u_threshold"], torch.quantile(holdout_u, 0.8))
+    quantile_rule = HStepImprovement(ImprovementSettings(horizon=2, threshold="quantile", threshold_quantile=0.8))
+    quantile_rule.calibrate({"holdout": holdout_u, "fresh": holdout_u * 2})
+    assert quantile_rule.held_threshold.isnan()
+    u_real = ovr_uncertainty(*model(obs, real_action)).detach()
+    batch_rule = extended_improvement(actor, critic, model, obs, real_action, torch.tensor(0.2), quantile_rule.settings,
+                                      quantile_rule.held_threshold)
+    torch.testing.assert_close(batch_rule.diagnostics["u_threshold"], torch.quantile(u_real, 0.8))
+    fresh_rule = HStepImprovement(ImprovementSettings(horizon=2, threshold="fresh", threshold_quantile=0.8))
+    fresh_rule.calibrate({"holdout": holdout_u, "insample": holdout_u})  # the first fit: no fresh pairs yet
+    assert fresh_rule.held_threshold.isnan()
+    fresh_rule.calibrate({"holdout": holdout_u, "fresh": holdout_u * 2})
+    torch.testing.assert_close(fresh_rule.held_threshold, torch.quantile(holdout_u * 2, 0.8))
+
+
+def test_u_on_the_imagined_pairs_is_logged_over_the_rows_alive_at_steps_after_the_first():
+    """``log_u_imagined_q*`` are the quantiles of u over the pairs at steps 1 .. H-1 of the rows
+    still imagining there, masked or compacted alike; none reached (H 1): NaN."""
+    actor, critic = _nets()
+    model = GaussianEnsemble(OBS, ACT, 4, 2, hidden=16, layers=2)
+    obs, real_action = torch.randn(32, OBS), torch.rand(32, ACT) * 2 - 1
+    settings = ImprovementSettings(horizon=4, threshold="quantile", threshold_quantile=0.7)
+    noise = ImaginationNoise.draw(4, obs, ACT, 2)
+    seen = []
+    step = model.step
+
+    def recording_step(state, action, **kwargs):
+        out = step(state, action, **kwargs)
+        seen.append(out.u.detach())
+        return out
+
+    model.step = recording_step
+    masked = extended_improvement(actor, critic, model, obs, real_action, torch.tensor(0.2), settings, noise=noise)
+    model.step = step
+    compacted = extended_improvement(actor, critic, model, obs, real_action, torch.tensor(0.2), settings, noise=noise,
+                                     compact=True)
+    # masked: every row runs every step; the alive ones at step t are those whose horizon reached t
+    alive = [masked.horizon >= t for t in range(1, 4)]
+    expected = torch.cat([u[a] for u, a in zip(seen[1:], alive)])
+    assert expected.numel() > 0
+    for q in (10, 50, 90):
+        want = torch.quantile(expected, q / 100).log()
+        torch.testing.assert_close(masked.diagnostics[f"log_u_imagined_q{q}"], want)
+        torch.testing.assert_close(compacted.diagnostics[f"log_u_imagined_q{q}"], want, rtol=1e-4, atol=1e-5)
+    one_step = extended_improvement(actor, critic, model, obs, real_action, torch.tensor(0.2),
+                                    ImprovementSettings(horizon=1))
+    assert one_step.diagnostics["log_u_imagined_q50"].isnan()

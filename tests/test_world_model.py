@@ -300,3 +300,15 @@ def test_a_compiled_fit_trains_as_the_eager_one():
     assert compiled.holdout_mse == pytest.approx(eager.holdout_mse, rel=1e-4)
     for name, value in eager_weights.items():
         torch.testing.assert_close(compiled_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_fit_reports_which_rows_it_held_out_and_which_it_fitted_on():
+    """The holdout pairs the u measurements and the holdout threshold use are rows this fit did
+    not train on: disjoint from its training rows, together every row, as many as the ratio and
+    the cap give."""
+    inputs, targets = torch.randn(1500, OBS + ACT), torch.randn(1500, OBS + 1)
+    model = _ensemble()
+    report = fit_ensemble(model, inputs, targets, _adam_step(model), max_epochs=2, holdout_ratio=0.2, max_holdout=200,
+                          generator=torch.Generator().manual_seed(0))
+    hold, train = set(report.holdout_rows.tolist()), set(report.train_rows.tolist())
+    assert len(hold) == report.holdout_rows.numel() == 200 and not hold & train and hold | train == set(range(1500))

@@ -158,6 +158,9 @@ class Agent(pl.LightningModule):
         if self.model_phase is not None and self.model_phase.due(self.env_steps):
             with self.timer.phase("model"):
                 self.model_phase.fit_world_model(self)
+                if self.h_step is not None:  # MPDP's out-of-sample threshold, from this fit's real pairs
+                    for position, pair_u in self.model_phase.pair_u.items():
+                        self.h_step.calibrate(pair_u, position)
                 if self.rollouts is not None:  # MBPO: fresh rollouts from the new model
                     self.rollouts.branch(self)
         if self.rollouts is not None:  # MBPO: real_ratio real, the rest model transitions

@@ -26,10 +26,13 @@ class MPDP(ModelBasedAgent):
         horizon: H_max, the number of actor heads pi_0 .. pi_{H-1} and the longest imagined rollout.
         beta: weight of the One-vs-Rest penalty in every imagined step's reward.
         adaptive_horizon: stop imagined rows where u crosses the threshold; False: fixed horizon.
-        threshold: "quantile" (u_T from the batch's real pairs, D3), "absolute" (log u >= log_threshold)
-            or "anchored" (the quantile rule's u_T at the first update, then held: the horizon
-            follows the model's absolute reliability).
-        threshold_quantile: the quantile of the "quantile" and "anchored" rules.
+        threshold: how u_T is calibrated (D3), against u on real pairs the model had not been
+            fitted on, as imagined pairs are not: "fresh" (a quantile of u over the transitions
+            stored since the previous fit, under the model before the fit), "holdout" (over the
+            fit's holdout rows); or against u on the batch's real pairs, mostly fitted on
+            ("quantile"); "absolute" (log u >= log_threshold) or "anchored" (the quantile rule's
+            u_T at the first update, then held: the horizon follows the model's absolute reliability).
+        threshold_quantile: the quantile of the "fresh", "holdout", "quantile" and "anchored" rules.
         log_threshold: u_T of the "absolute" rule, in log space (the paper's -5).
         penalty_scale: "median" (u relative to its median on the real pairs, D7) or "none" (raw u).
         head_grad_clip: clip the heads' gradient norm to this value (D6); None: no clipping.
@@ -46,7 +49,7 @@ class MPDP(ModelBasedAgent):
         horizon: PositiveInt = 25,
         beta: NonNegativeFloat = 0.5,
         adaptive_horizon: bool = True,
-        threshold: ThresholdRule = "quantile",
+        threshold: ThresholdRule = "fresh",
         threshold_quantile: PositiveFloat = 0.9,
         log_threshold: float = -5.0,
         penalty_scale: PenaltyScale = "median",

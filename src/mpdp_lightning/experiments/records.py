@@ -2,7 +2,8 @@
 
 A sweep's MLflow store and trial folders stay on the machine that ran it; a record does not. It
 holds what the comparison needs (the curves of ``mlflow_runs.FIGURE_METRICS`` and the env-step rate,
-one point per env step as ``mlflow_runs.latest_attempt`` keeps them), the run's resolved config (its
+one point per env step as ``mlflow_runs.latest_attempt`` keeps them) and the diagnostics that
+explain them (``DIAGNOSTIC_METRICS``), the run's resolved config (its
 MLflow params), version and commit, wall time and the machine, so that ``compare --records``
 reproduces the table over seeds without the store, a sweep re-run on a fresh clone skips the
 recorded trials, and anyone can compare their runs with ours (as rliable and openrlbenchmark do).
@@ -36,7 +37,18 @@ from mpdp_lightning.experiments.mlflow_runs import FIGURE_METRICS, latest_attemp
 SCHEMA = 1
 DEFAULT_RESULTS = Path("benchmarks/results")
 RATE_METRIC = "time/env_steps_per_second"
-RECORD_METRICS = (*FIGURE_METRICS, RATE_METRIC)
+# What explains a curve, kept beside it so that a diagnosis needs no MLflow store: what stops MPDP's
+# imagined rows and u on each kind of pair (real in-sample, holdout and fresh at each fit; the
+# imagined pairs and the threshold at each log point), the critic's estimates and the temperature,
+# MBPO's rollout length and model replay, the model's fit (absent curves are left out).
+DIAGNOSTIC_METRICS = (
+    "train/stop_threshold", "train/stop_terminal", "train/stop_horizon", "train/stopped_at_first_step",
+    "train/log_u_threshold", "train/log_u_real_q50", "train/log_u_imagined_q50", "train/log_u_imagined_q90",
+    *(f"model/log_u_{kind}_q{q}" for kind in ("insample", "holdout", "fresh") for q in (50, 90)),
+    "train/q_mean", "train/q_target", "train/alpha", "train/entropy", "train/episode_return",
+    "mbpo/rollout_length", "mbpo/model_buffer_size", "model/holdout_mse", "model/epochs",
+)
+RECORD_METRICS = (*FIGURE_METRICS, RATE_METRIC, *DIAGNOSTIC_METRICS)
 # Each [env_steps, value] pair of a curve on one line: a curve of 200 points is 200 lines, not 800.
 _PAIR = re.compile(r"\[\s+(-?[\d.eE+-]+),\s+(-?[\d.eE+-]+|null)\s+\]")
 

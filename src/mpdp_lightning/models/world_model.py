@@ -269,6 +269,10 @@ class FitReport:
     u_mean: float  # OvR model error on the holdout pairs
     mean_spread: float  # variance of the K members' means on the holdout pairs (target units)
     elites: list[int]
+    # indices into the fit's rows: those held out (never trained on; the training rows when there
+    # were too few to hold any out) and those trained on, in the fit's random order
+    holdout_rows: Optional[torch.Tensor] = None
+    train_rows: Optional[torch.Tensor] = None
 
 
 def fit_ensemble(
@@ -366,4 +370,5 @@ def fit_ensemble(
         u = model.uncertainty(mean, logvar)
         spread = mean.var(dim=0).mean()  # the members' disagreement alone, without their variances
     elites = model.elites
-    return FitReport(epoch, mse[elites].mean().item(), nll[elites].mean().item(), u.mean().item(), spread.item(), elites.tolist())
+    return FitReport(epoch, mse[elites].mean().item(), nll[elites].mean().item(), u.mean().item(), spread.item(),
+                     elites.tolist(), hold, train)

@@ -52,7 +52,10 @@ from mpdp_lightning.models.nets import MemberWeights
 from mpdp_lightning.models.policy import SquashedGaussianHeads, TwinQ, frozen
 from mpdp_lightning.models.world_model import GaussianEnsemble
 
-ThresholdRule = Literal["quantile", "absolute", "anchored"]
+ThresholdRule = Literal["fresh", "holdout", "quantile", "absolute", "anchored"]
+THRESHOLD_RULES = ("fresh", "holdout", "quantile", "absolute", "anchored")
+CALIBRATED_RULES = ("fresh", "holdout")  # u_T from a kind of real pair at each model fit
+HELD_RULES = (*CALIBRATED_RULES, "anchored")  # the rules whose u_T is held between updates (a buffer)
 PenaltyScale = Literal["median", "none"]
 
 
@@ -65,13 +68,17 @@ class ImprovementSettings:
     beta: weight of the OvR penalty -beta * u / scale in every step's reward.
     adaptive: stop rows where u crosses the threshold; False gives a fixed horizon (only
         predicted terminals end rows early).
-    threshold: "quantile" (D3): u_T is the ``threshold_quantile`` quantile of u over the batch's
-        real (s, a) pairs; "absolute": the paper's literal rule, stop where log u >= ``log_threshold``;
-        "anchored": the quantile rule's u_T at the first update, then held. The quantile rule
-        moves with the model (when the model improves everywhere, u_T falls with it), so it
-        measures reliability relative to the real data; an anchored u_T is an absolute level,
-        so the horizon grows as the model becomes more reliable than it was at the start.
-    threshold_quantile: q of the quantile rule.
+    threshold: how u_T is calibrated (D3); imagined pairs are out of sample, so the first two
+        rules compare them with real pairs the model had not been fitted on. "fresh": the
+        ``threshold_quantile`` quantile of u over the transitions stored since the previous model
+        fit, under the model before the fit (which had never seen them), set at each fit and
+        held until the next. "holdout": the same over the fit's holdout rows (not trained on by
+        this fit, though earlier fits, whose weights it starts from, mostly were). "quantile":
+        the same over the batch's real (s, a) pairs, most of which the model was fitted on.
+        "absolute": the paper's literal rule, stop where log u >= ``log_threshold``. "anchored":
+        the quantile rule's u_T at the first update, then held (an absolute level: the horizon
+        grows as the model becomes more reliable than it was at the start).
+    threshold_quantile: q of the fresh, holdout, quantile and anchored rules.
     log_threshold: u_T of the absolute rule, in log space (the paper's -5).
     penalty_scale: "median" (D7): u is divided by its median over the batch's real pairs before
         beta applies, so beta means the same on every task; "none": raw u. Only the scale
@@ -83,7 +90,7 @@ class ImprovementSettings:
     gamma: float = 0.99
     beta: float = 0.5
     adaptive: bool = True
-    threshold: ThresholdRule = "quantile"
+    threshold: ThresholdRule = "fresh"
     threshold_quantile: float = 0.9
     log_threshold: float = -5.0
     penalty_scale: PenaltyScale = "median"
@@ -95,8 +102,8 @@ class ImprovementSettings:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
         if not 0.0 < self.threshold_quantile <= 1.0:
             raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}")
-        if self.threshold not in ("quantile", "absolute", "anchored"):
-            raise ValueError(f"threshold must be 'quantile', 'absolute' or 'anchored', got {self.threshold!r}")
+        if self.threshold not in THRESHOLD_RULES:
+            raise ValueError(f"threshold must be one of {', '.join(map(repr, THRESHOLD_RULES))}, got {self.threshold!r}")
         if self.penalty_scale not in ("median", "none"):
             raise ValueError(f"penalty_scale must be 'median' or 'none', got {self.penalty_scale!r}")
 
@@ -147,24 +154,42 @@ def quantiles(x: torch.Tensor, *qs: float) -> list[torch.Tensor]:
     return out
 
 
+def masked_quantiles(x: torch.Tensor, mask: torch.Tensor, *qs: float) -> list[torch.Tensor]:
+    """``quantiles`` of the entries of x where ``mask`` holds, without indexing them out (no host
+    synchronisation, a fixed shape: capturable, and vmapped per seed); NaN where none holds."""
+    if x.numel() == 0:  # a shape, known on the host
+        return [x.new_full((), float("nan")) for _ in qs]
+    values = torch.where(mask, x, float("inf")).flatten()
+    ordered = values.sort().values
+    count = mask.flatten().sum()
+    last = (count - 1).clamp_min(0).to(x.dtype)
+    out = []
+    for q in qs:
+        rank = last * q
+        below, above = rank.floor().long(), rank.ceil().long()
+        at = lambda i: ordered.gather(0, i.reshape(1)).squeeze(0)  # noqa: E731
+        value = torch.lerp(at(below), at(above), rank - below)
+        out.append(torch.where(count > 0, value, float("nan")))
+    return out
+
+
 def uncertainty_calibration(
     model: GaussianEnsemble,
     obs: torch.Tensor,
     action: torch.Tensor,
     settings: ImprovementSettings,
-    anchor: Optional[torch.Tensor] = None,
+    held: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """u on the batch's real pairs, the stopping threshold and the penalty scale (no gradient),
     in full fp32 even where the run lets matmuls use TF32 (``--model.tf32``): these statistics
-    decide where every row stops. ``anchor``: the "anchored" rule's held u_T, NaN until the
-    first update sets it."""
+    decide where every row stops. ``held``: the u_T that the "fresh", "holdout" and "anchored"
+    rules hold between updates; where it is None or NaN (no fit has set it yet, the anchor's first
+    update) the batch's quantile stands in."""
     with torch.no_grad(), full_fp32_matmuls():
         u_real = model.uncertainty(*model(obs, action))
-        if settings.threshold == "anchored":
-            if anchor is None:
-                raise ValueError("the 'anchored' threshold needs the anchor it holds (a NaN tensor at first)")
-            threshold = torch.where(anchor.isnan(), quantiles(u_real, settings.threshold_quantile)[0], anchor)
-        elif settings.threshold == "quantile":
+        if settings.threshold in HELD_RULES and held is not None:
+            threshold = torch.where(held.isnan(), quantiles(u_real, settings.threshold_quantile)[0], held)
+        elif settings.threshold in HELD_RULES + ("quantile",):  # nothing held yet: the batch's quantile
             threshold = quantiles(u_real, settings.threshold_quantile)[0]
         else:
             threshold = obs.new_full((), math.exp(settings.log_threshold))  # a fill: no host-to-device copy
@@ -304,7 +329,7 @@ def extended_improvement(
     real_action: torch.Tensor,
     alpha: torch.Tensor,
     settings: ImprovementSettings,
-    threshold_anchor: Optional[torch.Tensor] = None,
+    held_threshold: Optional[torch.Tensor] = None,
     noise: Optional[ImaginationNoise] = None,
     compact: bool = False,
     compiled: bool = False,
@@ -313,25 +338,28 @@ def extended_improvement(
     batch's own actions, used only to calibrate the threshold and the penalty scale).
 
     Args:
-        threshold_anchor: the "anchored" rule's held u_T (NaN: set it from this batch); the
-            threshold used is in ``diagnostics["u_threshold"]``.
+        held_threshold: the u_T held by the "fresh", "holdout" and "anchored" rules (NaN: this
+            batch's quantile stands in); the threshold used is in ``diagnostics["u_threshold"]``.
         noise: the improvement's random draws; None: drawn here.
         compact: go on with the live rows only (see the module's docstring); False: masked.
         compiled: run each step through ``torch.compile`` (same loss and gradients).
     """
     if actor.heads < settings.horizon:
         raise ValueError(f"the actor has {actor.heads} heads, fewer than the horizon {settings.horizon}")
-    u_real, threshold, scale = uncertainty_calibration(model, obs, real_action, settings, threshold_anchor)
+    u_real, threshold, scale = uncertainty_calibration(model, obs, real_action, settings, held_threshold)
     if noise is None:
         noise = ImaginationNoise.draw(settings.horizon, obs, actor.act_dim, model.num_elites)
     imagination = _Imagination(compiled, actor, critic, model, alpha, settings, threshold, settings.beta / scale, noise)
     with frozen(model), frozen(critic):
-        objective, horizon, stop_reason, pi0_log_prob, first_u = (
+        objective, horizon, stop_reason, pi0_log_prob, first_u, imagined_u, imagined = (
             imagination.compacted(obs) if compact else imagination.masked(obs)
         )
 
     log_u_real = u_real.clamp_min(1e-12).log()
     q10, q50, q90 = quantiles(log_u_real, 0.1, 0.5, 0.9)
+    # u where the rows' states are the model's own (steps 1 .. H-1, rows alive there): what the
+    # threshold is tested on, beside u on real pairs
+    i10, i50, i90 = (q.clamp_min(1e-12).log() for q in masked_quantiles(imagined_u.detach(), imagined, 0.1, 0.5, 0.9))
     horizon_f = horizon.float()
     diagnostics = {
         "J": objective.detach().mean(),
@@ -347,18 +375,24 @@ def extended_improvement(
         "log_u_real_q10": q10,
         "log_u_real_q50": q50,
         "log_u_real_q90": q90,
+        "log_u_threshold": threshold.clamp_min(1e-12).log(),
+        "log_u_imagined_q10": i10,
+        "log_u_imagined_q50": i50,
+        "log_u_imagined_q90": i90,
     }
     return ImprovementResult(-objective.mean(), horizon, stop_reason, pi0_log_prob, diagnostics)
 
 
-Rollout = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# J per row, horizon, stop reason, log pi_0 at the start states, u of the first step, and u at
+# steps 1 .. H-1 with the mask of the rows alive there (masked: [H-1, B] each; compacted: the
+# alive rows' u, all true)
+Rollout = tuple[torch.Tensor, ...]
 
 
 @dataclass
 class _Imagination:
     """One improvement's rollouts from the batch's start states, run either way (masked or
-    compacted); both return (J per row, horizon, stop reason, log pi_0 at the start states, u of
-    the first step)."""
+    compacted); both return a ``Rollout``."""
 
     compiled: bool  # each step through torch.compile
     actor: SquashedGaussianHeads
@@ -388,13 +422,18 @@ class _Imagination:
             stop_discounted_log_prob=torch.zeros(batch, device=obs.device),
             stop_discount=torch.zeros(batch, device=obs.device),
         )
+        later_u, later_alive = [obs.new_zeros(batch)], [torch.zeros(batch, dtype=torch.bool, device=obs.device)]
         for t in range(settings.horizon):
+            alive_before = rows.alive
             rows, log_prob, u = step_fn(
                 actor, model, rows, heads[t], noise.action[t], noise.pick[t], noise.model[t], alpha, self.penalty,
                 self.threshold, discounts[t], settings.adaptive,
             )
             if t == 0:
                 pi0_log_prob, first_u = log_prob.detach(), u.detach()
+            else:
+                later_u.append(u.detach())
+                later_alive.append(alive_before)
         zero = torch.zeros((), device=obs.device)
         stopped = rows.stop_reason == STOP_THRESHOLD
         stop_q = critic(rows.stop_state, rows.stop_action).min(dim=0).values
@@ -402,7 +441,8 @@ class _Imagination:
             stopped, rows.stop_discount * stop_q - alpha * rows.stop_discounted_log_prob, zero
         )
         objective = objective + torch.where(rows.alive, self.horizon_value(rows.state, noise.final_action), zero)
-        return objective, rows.horizon, rows.stop_reason, pi0_log_prob, first_u
+        return (objective, rows.horizon, rows.stop_reason, pi0_log_prob, first_u,
+                torch.stack(later_u), torch.stack(later_alive))
 
     def compacted(self, obs: torch.Tensor) -> Rollout:
         """As ``masked``, but each step runs only the rows still alive (``rows`` holds their
@@ -417,6 +457,7 @@ class _Imagination:
         horizon = torch.zeros(batch, dtype=torch.long, device=obs.device)
         terms: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, discounted reward terms), in step order
         stops: list[tuple[torch.Tensor, ...]] = []  # (rows, s_t, a_t, gamma^t, log pi) where u crossed
+        later_u = [obs.new_zeros(0)]  # u of the rows alive at steps 1 .. H-1
         state = obs
         for t in range(settings.horizon):
             if t > 0 and rows.numel() == 0:
@@ -427,6 +468,8 @@ class _Imagination:
             )
             if t == 0:
                 pi0_log_prob, first_u = log_prob.detach(), u.detach()
+            else:
+                later_u.append(u.detach())
             discount = settings.gamma**t
             unreliable = u >= threshold if settings.adaptive else torch.zeros_like(done)
             going = ~unreliable
@@ -453,7 +496,9 @@ class _Imagination:
         if rows.numel():
             value = self.horizon_value(state, noise.final_action[rows])
             objective = objective.index_add(0, rows, value)
-        return objective, horizon, stop_reason, pi0_log_prob, first_u
+        imagined_u = torch.cat(later_u)
+        return (objective, horizon, stop_reason, pi0_log_prob, first_u, imagined_u,
+                torch.ones_like(imagined_u, dtype=torch.bool))
 
     def horizon_value(self, state: torch.Tensor, final_noise: torch.Tensor) -> torch.Tensor:
         """gamma^H V(s_H), V(s) = min_j Q_j(s, a') - alpha log pi_0(a'|s), pi_0's weights detached."""

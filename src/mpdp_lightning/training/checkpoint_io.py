@@ -13,26 +13,33 @@ from mpdp_lightning.errors import CheckpointError
 
 # The layout of what the agent saves (``checkpoint["format"]``): 1 (no key) before the composed
 # agent, where MPDP's anchored threshold and horizon history sat on the module itself; 2 with the
-# parts (``h_step.threshold_anchor``, the history among the counters).
-CHECKPOINT_FORMAT = 2
+# parts (``h_step.threshold_anchor``, the history among the counters); 3 with the held threshold
+# shared by the holdout and anchored rules (``h_step.held_threshold``).
+CHECKPOINT_FORMAT = 3
 
-# state_dict keys of format 1 -> format 2
-RENAMED_KEYS = {"threshold_anchor": "h_step.threshold_anchor"}
+# state_dict keys of an older format -> this one's
+RENAMED_KEYS = {
+    1: {"threshold_anchor": "h_step.held_threshold"},
+    2: {"h_step.threshold_anchor": "h_step.held_threshold"},
+}
 
 
 def upgrade_checkpoint(checkpoint: dict) -> dict:
-    """``checkpoint`` (in place) in this version's layout: a format-1 checkpoint's keys renamed
-    (``RENAMED_KEYS``), MPDP's horizon history moved among the counters and, from before the
-    anchored rule existed, its anchor unset (NaN). A later format than this version reads is one
-    error line naming the version that wrote it."""
+    """``checkpoint`` (in place) in this version's layout: an older format's keys renamed
+    (``RENAMED_KEYS``) and, from format 1, MPDP's horizon history moved among the counters and,
+    from before the anchored rule existed, its held threshold unset (NaN). Its hyperparameters
+    are not touched: a run resumes with the threshold rule it was trained with (the CLI takes
+    them over the config's). A later format than this version reads is one error line naming
+    the version that wrote it."""
     check_format(checkpoint, "the checkpoint")
-    if checkpoint.get("format", 1) == 1:
+    written = checkpoint.get("format", 1)
+    if written < CHECKPOINT_FORMAT:
         state = checkpoint["state_dict"]
-        for old, new in RENAMED_KEYS.items():
+        for old, new in RENAMED_KEYS.get(written, {}).items():
             if old in state:
                 state[new] = state.pop(old)
-        if "horizon" in checkpoint.get("hyper_parameters", {}):  # MPDP's
-            state.setdefault("h_step.threshold_anchor", torch.tensor(float("nan")))
+        if written == 1 and "horizon" in checkpoint.get("hyper_parameters", {}):  # MPDP's
+            state.setdefault("h_step.held_threshold", torch.tensor(float("nan")))
             checkpoint["counters"].setdefault("horizon_history", checkpoint.pop("horizon_history", {}))
         checkpoint["format"] = CHECKPOINT_FORMAT
     return checkpoint
@@ -63,7 +70,8 @@ def upgrade_hyperparameters(hparams: dict) -> dict:
     MBPO followed its published code (issue 19) resume with the settings they were trained with:
     ``rollouts_per_env_step`` (per env step since the last fit) becomes ``rollout_batch_size``
     (per fit), its schedule keeps epochs of 1000 env steps, and a world model trained on
-    normalised targets keeps them."""
+    normalised targets keeps them; an MPDP run saved without a threshold rule keeps the quantile
+    rule, the default before the holdout rule."""
     upgraded = dict(hparams)
     if "rollouts_per_env_step" in upgraded:
         per_env_step = upgraded.pop("rollouts_per_env_step")
@@ -71,6 +79,8 @@ def upgrade_hyperparameters(hparams: dict) -> dict:
         upgraded.setdefault("epoch_length", 1000)
     if "ensemble_size" in upgraded and "normalize_targets" not in upgraded:
         upgraded["normalize_targets"] = True
+    if "horizon" in upgraded and "threshold" not in upgraded:  # MPDP's, from before the holdout rule's default
+        upgraded["threshold"] = "quantile"
     return upgraded
 
 

@@ -13,7 +13,13 @@ from tensordict import TensorDictBase
 from torch import nn
 
 from mpdp_lightning.algorithms.parts.agent_view import AgentView
-from mpdp_lightning.objectives.h_step_improvement import ImaginationNoise, ImprovementSettings, extended_improvement
+from mpdp_lightning.objectives.h_step_improvement import (
+    ImaginationNoise,
+    CALIBRATED_RULES,
+    ImprovementSettings,
+    extended_improvement,
+    quantiles,
+)
 from mpdp_lightning.objectives.sac_losses import actor_loss
 from mpdp_lightning.training.metrics import log_json_artifact
 
@@ -33,7 +39,8 @@ class HStepImprovement(nn.Module):
     """MPDP's Algorithm 1: one backward of the H-step objective (objectives/h_step_improvement.py)
     into every head, the heads' gradient clipped (D6), then one step of the actor's optimizer.
 
-    It keeps the "anchored" threshold (a buffer saved with the weights), the rows per horizon
+    It keeps the held threshold of the "fresh", "holdout" and "anchored" rules (a buffer saved
+    with the weights: the first two set by ``calibrate`` after each model fit), the rows per horizon
     value of the current log window, and their history: the data of the paper's Fig. 2, written as
     the run's ``horizon_histogram.json`` artifact at every log point.
 
@@ -46,8 +53,9 @@ class HStepImprovement(nn.Module):
         super().__init__()
         self.settings = settings
         self.head_grad_clip = head_grad_clip
-        # the "anchored" rule's u_T (NaN until the first update sets it), saved with the weights
-        self.register_buffer("threshold_anchor", torch.tensor(float("nan")))
+        # the u_T of the "fresh" and "holdout" rules (set at each fit) or the "anchored" one (at
+        # the first update); NaN until then, saved with the weights
+        self.register_buffer("held_threshold", torch.tensor(float("nan")))
         # rows per horizon value (0 .. H) since the last log point (a buffer: it follows the device)
         self.register_buffer("horizon_counts", torch.zeros(settings.horizon + 1, dtype=torch.long), persistent=False)
         self.horizon_history: dict[int, list[int]] = {}
@@ -65,7 +73,7 @@ class HStepImprovement(nn.Module):
             def objective(agent, obs, action, noise):  # one seed's (Agent.per_seed)
                 return extended_improvement(
                     agent.actor, agent.critic, agent.world_model, obs, action, agent.temperature.alpha, settings,
-                    agent.h_step.threshold_anchor, noise, compact=compact, compiled=compiled,
+                    agent.h_step.held_threshold, noise, compact=compact, compiled=compiled,
                 )
 
             result = agent.per_seed("actor", objective, obs, action, noise)
@@ -74,7 +82,7 @@ class HStepImprovement(nn.Module):
 
         result = agent.plan.run_compiled("the imagined step", objective_and_gradients)
         if settings.threshold == "anchored":
-            self.threshold_anchor.copy_(result.diagnostics["u_threshold"])  # on the device: no sync
+            self.held_threshold.copy_(result.diagnostics["u_threshold"])  # on the device: no sync
         grad_norm = agent.apply_gradients("actor", result.loss, clip=self.head_grad_clip, norm=True)
         # scatter_add rather than bincount, which synchronises with the host on CUDA to size its output
         self.horizon_counts.scatter_add_(-1, result.horizon, torch.ones_like(result.horizon))
@@ -85,6 +93,19 @@ class HStepImprovement(nn.Module):
             "train/head_grad_norm": grad_norm,
         })
         return metrics, result.pi0_log_prob
+
+    @torch.no_grad()
+    def calibrate(self, pair_u: dict[str, torch.Tensor], position: Optional[int] = None) -> None:
+        """After a model fit, the "fresh" or "holdout" rule's u_T: the ``threshold_quantile``
+        quantile of u over that kind of the fit's real pairs (``pair_u``: kind -> u, as the model
+        phase measured them in full fp32), held until the next fit. In a group, seed
+        ``position``'s. Other rules, or no pairs of that kind (the first fit has no fresh ones):
+        the held u_T stays as it was."""
+        u = pair_u.get(self.settings.threshold) if self.settings.threshold in CALIBRATED_RULES else None
+        if u is None or u.numel() == 0:
+            return
+        threshold = quantiles(u.float(), self.settings.threshold_quantile)[0]
+        (self.held_threshold if position is None else self.held_threshold[position]).copy_(threshold)
 
     def end_window(self, env_steps: int, metrics: dict[str, float], trainer: Optional[Any]) -> None:
         """Adds the window's horizon histogram to ``horizon_histogram.json`` ({env step: rows per

@@ -1,18 +1,28 @@
 """The model phase of an update: the probabilistic ensemble fitted on every stored transition,
-first at the first update, then every ``train_every`` env steps (MBPO's and MPDP's)."""
+first at the first update, then every ``train_every`` env steps (MBPO's and MPDP's).
+
+Each fit also measures the One-vs-Rest error u on three kinds of real pairs (``pair_u``), logged
+as the logs of u's quantiles (``model/log_u_<kind>_q10/q50/q90``): ``insample``, rows the
+ensemble was just fitted on (as many as the holdout); ``holdout``, this fit's held-out rows,
+which this fit did not train on (but earlier fits, whose weights it starts from, mostly did);
+``fresh``, the transitions stored since the last fit, under the model before this fit, which no
+fit had seen. MPDP's out-of-sample thresholds are a quantile of one of these
+(algorithms/parts/improvement.py), and its improvement logs u on the imagined pairs beside them
+(``train/log_u_imagined_*``)."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from tensordict import TensorDictBase
 
 from mpdp_lightning.algorithms.parts.agent_view import AgentView
-from mpdp_lightning.models.world_model import FitReport, fit_ensemble
+from mpdp_lightning.models.world_model import FitReport, GaussianEnsemble, fit_ensemble
+from mpdp_lightning.objectives.h_step_improvement import full_fp32_matmuls, quantiles
 from mpdp_lightning.training.clock import passed_multiple
 from mpdp_lightning.training.metrics import log_metrics
 
@@ -29,6 +39,9 @@ class EnsembleFit:
     max_epochs: Optional[int]
     trained_at: Optional[int] = None  # env step of the last fit
     fits: int = 0
+    # u on the last fit's pairs of each kind (PAIR_KINDS), by seed position (None alone); not
+    # saved: what is derived from it (MPDP's held threshold) is
+    pair_u: dict[Optional[int], dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def due(self, env_steps: int) -> bool:
         """First at the first update, then at multiples of ``train_every`` env steps."""
@@ -43,8 +56,11 @@ class EnsembleFit:
         start = time.perf_counter()
         datamodule = agent.trainer.datamodule
         metrics: dict[str, float] = {}
+        pair_u: dict[str, torch.Tensor] = {}
         if self.trained_at is not None:  # Fig. 3: error on transitions the model has not seen
-            metrics["model/error_l2"] = prediction_error(agent.world_model, datamodule.latest(agent.env_steps - self.trained_at))
+            fresh = datamodule.latest(agent.env_steps - self.trained_at)
+            metrics["model/error_l2"] = prediction_error(agent.world_model, fresh)
+            pair_u["fresh"] = pair_uncertainty(agent.world_model, fit_rows(fresh)[0])
         inputs, targets = fit_rows(datamodule.contents())
 
         def fit(compiled: bool) -> FitReport:
@@ -60,6 +76,10 @@ class EnsembleFit:
         if not math.isfinite(report.holdout_nll):
             agent.raise_if_not_finite()
         metrics.update(report_metrics(report))
+        pair_u.update(fitted_pair_u(agent.world_model, inputs, report))
+        self.pair_u = {None: pair_u}
+        for kind, u in pair_u.items():
+            metrics.update(log_u_quantiles(kind, u))
         return self._finish(agent, metrics, start)
 
     def fit_each_seed(self, agent: AgentView) -> dict[str, Any]:
@@ -75,6 +95,7 @@ class EnsembleFit:
         data = datamodule.contents()
         latest = datamodule.latest(agent.env_steps - self.trained_at) if self.trained_at is not None else None
         per_seed: list[dict[str, float]] = []
+        self.pair_u = {}
         for position, generator in enumerate(axis.streams.generators):
             if position in agent.stopped_seeds:  # stopped by a NaN: nothing to fit
                 per_seed.append(dict.fromkeys(REPORTED, None))
@@ -82,8 +103,10 @@ class EnsembleFit:
             seed_slice_into(solo, stacked, position)
             optimizer = SeedSliceOptimizer(agent.optimizer("model"), stacked, solo, position)
             metrics: dict[str, float] = {}
+            pair_u: dict[str, torch.Tensor] = {}
             if latest is not None:
                 metrics["model/error_l2"] = prediction_error(solo, latest[:, position])
+                pair_u["fresh"] = pair_uncertainty(solo, fit_rows(latest[:, position])[0])
 
             def step(loss: torch.Tensor) -> None:  # what agent.optimize("model", ...) does alone
                 optimizer.solo.zero_grad(set_to_none=True)
@@ -97,6 +120,10 @@ class EnsembleFit:
             seed_slice_from(solo, stacked, position)
             optimizer.write_back()
             metrics.update(report_metrics(report))
+            pair_u.update(fitted_pair_u(solo, inputs, report))
+            self.pair_u[position] = pair_u
+            for kind, u in pair_u.items():
+                metrics.update(log_u_quantiles(kind, u))
             per_seed.append({name: metrics.get(name) for name in REPORTED})
         nll = torch.tensor([m["model/holdout_nll"] if m["model/holdout_nll"] is not None else 0.0 for m in per_seed],
                            device=agent.device)
@@ -120,9 +147,37 @@ class EnsembleFit:
         self.fits = int(counters.get("model_fits", 0))
 
 
-# what a fit logs per seed (model/error_l2 from the second fit on)
+PAIR_KINDS = ("insample", "holdout", "fresh")  # the real pairs u is measured on at each fit
+U_QUANTILES = (10, 50, 90)
+
+# what a fit logs per seed (model/error_l2 and the fresh pairs' u from the second fit on)
 REPORTED = ("model/error_l2", "model/holdout_mse", "model/holdout_nll", "model/epochs", "model/elites",
-            "model/u_mean", "model/mean_spread")
+            "model/u_mean", "model/mean_spread",
+            *(f"model/log_u_{kind}_q{q}" for kind in PAIR_KINDS for q in U_QUANTILES))
+
+
+@torch.no_grad()
+def pair_uncertainty(model: GaussianEnsemble, inputs: torch.Tensor) -> torch.Tensor:
+    """u of real (obs, action) rows [N, obs_dim + act_dim], in full fp32 (as MPDP's threshold)."""
+    obs, action = inputs.split([model.obs_dim, model.act_dim], dim=-1)
+    with full_fp32_matmuls():
+        return model.uncertainty(*model(obs, action))
+
+
+def log_u_quantiles(kind: str, u: torch.Tensor) -> dict[str, float]:
+    """``model/log_u_<kind>_q10/q50/q90``: the quantiles of log u over one kind of pair."""
+    if u.numel() == 0:
+        return {}
+    values = quantiles(u, *(q / 100 for q in U_QUANTILES))  # u's quantiles, then their logs: as u_T's
+    return {f"model/log_u_{kind}_q{q}": value.clamp_min(1e-12).log().item() for q, value in zip(U_QUANTILES, values)}
+
+
+def fitted_pair_u(model: GaussianEnsemble, inputs: torch.Tensor, report: FitReport) -> dict[str, torch.Tensor]:
+    """After a fit, u on its holdout pairs and on as many of its training rows."""
+    return {
+        "insample": pair_uncertainty(model, inputs[report.train_rows[: report.holdout_rows.numel()]]),
+        "holdout": pair_uncertainty(model, inputs[report.holdout_rows]),
+    }
 
 
 def fit_rows(data: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
