@@ -107,6 +107,8 @@ class BranchedRollouts:
             "mbpo/rollout_length": float(length),
             "mbpo/rollout_transitions": float(rollouts.numel()),
             "mbpo/model_buffer_size": float(len(replay)),
+            # how many fits' rollouts the replay holds (their age: up to this many fit intervals)
+            "mbpo/model_replay_fits": len(replay) / max(rollouts.numel(), 1),
             "mbpo/rollout_u_mean": rollouts["u"].mean().item(),
             "mbpo/rollout_terminated": rollouts["terminated"].float().mean().item(),
         }
