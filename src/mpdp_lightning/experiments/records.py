@@ -47,7 +47,7 @@ DIAGNOSTIC_METRICS = (
     *(f"model/log_u_{kind}_q{q}" for kind in ("insample", "holdout", "fresh") for q in (50, 90)),
     "train/q_mean", "train/q_target", "train/alpha", "train/entropy", "train/episode_return",
     "mbpo/rollout_length", "mbpo/model_buffer_size", "mbpo/model_replay_fits", "model/holdout_mse", "model/epochs",
-    "eval/q_start", "eval/discounted_return",
+    "eval/length", "eval/q_start", "eval/discounted_return",
 )
 RECORD_METRICS = (*FIGURE_METRICS, RATE_METRIC, *DIAGNOSTIC_METRICS)
 # Each [env_steps, value] pair of a curve on one line: a curve of 200 points is 200 lines, not 800.

@@ -269,8 +269,9 @@ class FitReport:
     u_mean: float  # OvR model error on the holdout pairs
     mean_spread: float  # variance of the K members' means on the holdout pairs (target units)
     elites: list[int]
-    # indices into the fit's rows: those held out (never trained on; the training rows when there
-    # were too few to hold any out) and those trained on, in the fit's random order
+    # indices into the fit's rows: those held out (not trained on in this fit, though earlier fits
+    # may have; the training rows when there were too few to hold any out) and those trained on,
+    # in the fit's random order
     holdout_rows: Optional[torch.Tensor] = None
     train_rows: Optional[torch.Tensor] = None
 

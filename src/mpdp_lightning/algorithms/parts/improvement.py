@@ -14,8 +14,8 @@ from torch import nn
 
 from mpdp_lightning.algorithms.parts.agent_view import AgentView
 from mpdp_lightning.objectives.h_step_improvement import (
-    ImaginationNoise,
     CALIBRATED_RULES,
+    ImaginationNoise,
     ImprovementSettings,
     extended_improvement,
     quantiles,
