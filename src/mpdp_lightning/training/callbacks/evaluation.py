@@ -86,8 +86,8 @@ class Evaluation(EnvStepRoutine):
                 "eval/length": float(lengths.mean()),
                 **track.metrics(pl_module, position if grouped else None),
             })
-        metrics: dict[str, Any] = per_seed[0] if not grouped else {
-            name: [m[name] for m in per_seed] for name in per_seed[0]}
+        names = list(dict.fromkeys(name for m in per_seed for name in m))  # a stopped seed logs None
+        metrics: dict[str, Any] = per_seed[0] if not grouped else {name: [m.get(name) for m in per_seed] for name in names}
         self.last_step = pl_module.env_steps
         latest = [m["eval/return"] for m in per_seed]
         best = seed_values(self.best_return, len(latest)) if self.best_return is not None else [-np.inf] * len(latest)
