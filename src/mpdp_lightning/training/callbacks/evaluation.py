@@ -97,7 +97,7 @@ class Evaluation(EnvStepRoutine):
         log_metrics(trainer, metrics, step=pl_module.env_steps)
         return metrics
 
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+    def state_dict(self) -> dict[str, Any]:
         return {"last_eval_step": self.last_step, "latest_return": self.latest_return, "best_return": self.best_return}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
