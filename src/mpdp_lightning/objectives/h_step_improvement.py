@@ -187,12 +187,12 @@ def uncertainty_calibration(
     update) the batch's quantile stands in."""
     with torch.no_grad(), full_fp32_matmuls():
         u_real = model.uncertainty(*model(obs, action))
-        if settings.threshold in HELD_RULES and held is not None:
-            threshold = torch.where(held.isnan(), quantiles(u_real, settings.threshold_quantile)[0], held)
-        elif settings.threshold in HELD_RULES + ("quantile",):  # nothing held yet: the batch's quantile
-            threshold = quantiles(u_real, settings.threshold_quantile)[0]
-        else:
+        if settings.threshold == "absolute":
             threshold = obs.new_full((), math.exp(settings.log_threshold))  # a fill: no host-to-device copy
+        else:  # the batch's quantile, or the held u_T wherever one is held
+            threshold = quantiles(u_real, settings.threshold_quantile)[0]
+            if settings.threshold in HELD_RULES and held is not None:
+                threshold = torch.where(held.isnan(), threshold, held)
         if settings.penalty_scale == "median":
             scale = u_real.median().clamp_min(1e-8)
         else:
